@@ -1,0 +1,1 @@
+"""mathrl: post-train language models to solve math problems."""

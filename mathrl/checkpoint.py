@@ -1,0 +1,72 @@
+"""Save and restore everything a run needs to continue exactly where it stopped.
+
+A checkpoint directory holds the weights in HF format (a peft adapter for LoRA runs,
+a full ``save_pretrained`` model otherwise, plus the tokenizer) so any tool can load
+it, and ``trainer_state.pt``: the next step, optimizer and scheduler state and the
+RNG states. It is written under a temporary name and renamed, and only then listed in
+checkpoints.jsonl, so the last listed checkpoint is always complete.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mathrl.tracking import append_jsonl, read_jsonl
+
+STATE_FILE = "trainer_state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(
+    log_path: Path,
+    step: int,
+    policy: torch.nn.Module,
+    tokenizer: Any,
+    trainer_state: dict[str, Any],
+    final: bool = False,
+) -> Path:
+    """Write ``checkpoints/step_{step:06d}`` atomically and list it in checkpoints.jsonl."""
+    target = log_path / "checkpoints" / f"step_{step:06d}"
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    policy.save_pretrained(tmp)  # type: ignore[operator]
+    tokenizer.save_pretrained(tmp)
+    torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    append_jsonl(
+        log_path / "checkpoints.jsonl", {"step": step, "path": str(target.relative_to(log_path)), "final": final}
+    )
+    return target
+
+
+def latest_checkpoint(log_path: Path) -> Path | None:
+    """The last complete checkpoint listed in checkpoints.jsonl, if any."""
+    for row in reversed(read_jsonl(log_path / "checkpoints.jsonl")):
+        path = Path(row["path"])
+        if not path.is_absolute():
+            path = log_path / path
+        if (path / STATE_FILE).exists():
+            return path
+    return None
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    return torch.load(checkpoint / STATE_FILE, weights_only=False)

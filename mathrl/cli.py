@@ -1,0 +1,62 @@
+"""The ``mathrl`` command: ``mathrl <subcommand> key=value ... [config=FILE]``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from mathrl.config import ConfigError, config_help, parse_config
+
+
+def _train(argv: Sequence[str]) -> None:
+    from mathrl.train.rl import TrainConfig, train
+
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(config_help(TrainConfig, "mathrl train"))
+        print(_env_help())
+        return
+    cfg = parse_config(TrainConfig, argv)
+    log_path = train(cfg)
+    print(f"run directory: {log_path}")
+
+
+def _env_help() -> str:
+    from dataclasses import MISSING, fields
+
+    from mathrl.envs.registry import ENVS
+
+    lines = ["\nenvironments (env=NAME; options as env_args.KEY=VALUE):"]
+    for name, spec in ENVS.items():
+        lines.append(f"  {name}: {spec.description}")
+        for f in fields(spec.options):
+            default = f.default if f.default is not MISSING else "-"
+            lines.append(f"    env_args.{f.name:<14} = {default!s:<8} {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
+    "train": (_train, "GRPO reinforcement learning with verifiable rewards"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
+        print("usage: mathrl <command> [key=value ...] [config=FILE]\n\ncommands:")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:<8} {text}")
+        print("\n`mathrl <command> --help` lists every key with its default.")
+        return 0 if not args or args[0] in ("-h", "--help") else 2
+    command, _ = COMMANDS[args[0]]
+    try:
+        command(args[1:])
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        if isinstance(e, ConfigError) or type(e) is ValueError or isinstance(e, FileNotFoundError):
+            print(f"mathrl {args[0]}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Environments: what the policy sees, and how its answers are rewarded."""

@@ -1,0 +1,54 @@
+"""Env registry: name -> (options dataclass, dataset factory). A new env is one entry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from difflib import get_close_matches
+from typing import Any
+
+from mathrl.envs.arithmetic import ArithmeticConfig, ArithmeticDataset
+from mathrl.envs.base import RLDataset
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    options: type
+    make_dataset: Callable[..., RLDataset]  # (options, groups_per_batch, seed)
+    description: str
+
+
+ENVS: dict[str, EnvSpec] = {
+    "arithmetic": EnvSpec(ArithmeticConfig, ArithmeticDataset, "What is x + y? (operands/operators are options)"),
+}
+
+
+def env_options(name: str, args: Mapping[str, Any]) -> Any:
+    """Build the env's options dataclass from ``env_args``, with errors that name the key."""
+    if name not in ENVS:
+        hint = get_close_matches(name, ENVS, n=1)
+        raise ValueError(
+            f"env: unknown env {name!r}; known: {sorted(ENVS)}" + (f". Did you mean {hint[0]!r}?" if hint else "")
+        )
+    spec = ENVS[name]
+    names = {f.name: f for f in fields(spec.options)}
+    for key, value in args.items():
+        if key not in names:
+            hint = get_close_matches(key, names, n=1)
+            raise ValueError(
+                f"env_args.{key}: not an option of env {name!r}; options: {sorted(names)}"
+                + (f". Did you mean 'env_args.{hint[0]}'?" if hint else "")
+            )
+        expected = type(names[key].default)
+        if (
+            names[key].default is not None
+            and not isinstance(value, expected)
+            and not (expected is float and isinstance(value, int) and not isinstance(value, bool))
+        ):
+            raise ValueError(f"env_args.{key}: expected {expected.__name__}, got {value!r}")
+    return spec.options(**args)
+
+
+def make_dataset(name: str, args: Mapping[str, Any], groups_per_batch: int, seed: int) -> tuple[RLDataset, Any]:
+    options = env_options(name, args)
+    return ENVS[name].make_dataset(options, groups_per_batch, seed), options

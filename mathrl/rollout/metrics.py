@@ -1,0 +1,41 @@
+"""Summary metrics of sampled trajectory groups, with tinker-cookbook's key names."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from statistics import fmean
+
+from mathrl.types import Trajectory, TrajectoryGroup
+
+
+def _final_metric(traj: Trajectory, key: str) -> float | None:
+    values = [t.metrics[key] for t in traj.transitions if key in t.metrics]
+    return values[-1] if values else None
+
+
+def group_metrics(groups: Sequence[TrajectoryGroup], prefix: str = "") -> dict[str, float]:
+    """env/all/... metrics: reward, correct, format, tokens, truncation and group outcome fractions."""
+    trajs = [t for g in groups for t in g.trajectories_G]
+    transitions = [tr for t in trajs for tr in t.transitions]
+    if not trajs:
+        return {}
+    out: dict[str, float] = {
+        "env/all/reward/total": fmean(t.total_reward for t in trajs),
+        "env/all/ac_tokens_per_turn": fmean(len(tr.ac.tokens_T) for tr in transitions),
+        "env/all/turns_per_episode": fmean(len(t.transitions) for t in trajs),
+        "env/all/frac_truncated": fmean(tr.ac.finish_reason == "length" for tr in transitions),
+    }
+    for key in ("correct", "format"):
+        values = [v for t in trajs if (v := _final_metric(t, key)) is not None]
+        if values:
+            out[f"env/all/{key}"] = fmean(values)
+    outcomes = {"mixed": 0, "all_good": 0, "all_bad": 0}
+    for g in groups:
+        good = [
+            (_final_metric(t, "correct") or 0.0) > 0 if _final_metric(t, "correct") is not None else t.total_reward > 0
+            for t in g.trajectories_G
+        ]
+        outcomes["all_good" if all(good) else "all_bad" if not any(good) else "mixed"] += 1
+    for name, count in outcomes.items():
+        out[f"env/all/by_group/frac_{name}"] = count / len(groups)
+    return {prefix + k: v for k, v in out.items()}

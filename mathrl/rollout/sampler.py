@@ -1,0 +1,168 @@
+"""The Sampler protocol and the in-process PyTorch sampler.
+
+A sampler turns token prompts into completions with per-token logprobs. The trainer
+only sees this protocol, so a faster backend (vLLM, an HTTP endpoint) can replace it.
+
+``TorchSampler`` is a plain KV-cache decode loop over any transformers causal LM:
+- identical prompts (the ``group_size`` copies of one problem) are prefilled once and
+  their cache is fanned out, instead of recomputing the prompt G times; the prefix that
+  all prompts of a batch share (system prompt, few-shot examples) is computed once;
+- only the last position's logits are computed (``logits_to_keep=1``), never a full
+  [tokens x vocab] tensor;
+- randomness comes from a ``torch.Generator`` seeded per call, so a resumed run draws
+  exactly the samples an uninterrupted one would.
+Logprobs are those of the distribution actually sampled from (logits / temperature);
+at temperature 0 (greedy) they are the temperature-1 logprobs of the chosen token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from mathrl.types import Completion
+
+
+class Sampler(Protocol):
+    def sample(
+        self, prompts: Sequence[Sequence[int]], *, max_tokens: int, temperature: float, seed: int
+    ) -> list[Completion]: ...
+
+
+class TorchSampler:
+    """Batched sampling with a KV cache on the model it is given (e.g. a bf16 copy of the policy)."""
+
+    def __init__(self, model: PreTrainedModel, eos_token_ids: Sequence[int], pad_token_id: int, max_batch: int = 256):
+        self.model = model.eval()
+        self.eos_token_ids = torch.tensor(sorted(set(eos_token_ids)))
+        self.pad_token_id = pad_token_id
+        self.max_batch = max_batch
+
+    def sample(
+        self, prompts: Sequence[Sequence[int]], *, max_tokens: int, temperature: float, seed: int
+    ) -> list[Completion]:
+        generator = torch.Generator().manual_seed(seed)
+        results: list[Completion | None] = [None] * len(prompts)
+        # Group identical prompts so each is prefilled once; chunk to bound memory.
+        unique: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(prompts):
+            unique.setdefault(tuple(p), []).append(i)
+        chunks: list[list[tuple[tuple[int, ...], list[int]]]] = [[]]
+        for item in unique.items():
+            if chunks[-1] and sum(len(ix) for _, ix in chunks[-1]) + len(item[1]) > self.max_batch:
+                chunks.append([])
+            chunks[-1].append(item)
+        for chunk in chunks:
+            outs = self._sample_chunk(chunk, max_tokens, temperature, generator)
+            for (_, ix), comps in zip(chunk, outs, strict=True):
+                for i, c in zip(ix, comps, strict=True):
+                    results[i] = c
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _sample_chunk(
+        self,
+        chunk: list[tuple[tuple[int, ...], list[int]]],
+        max_tokens: int,
+        temperature: float,
+        generator: torch.Generator,
+    ) -> list[list[Completion]]:
+        prompts = [p for p, _ in chunk]
+        counts = torch.tensor([len(ix) for _, ix in chunk])
+        cache = DynamicCache()
+        # 1. The prefix all prompts share (system prompt, few-shot examples): computed once.
+        shared = _common_prefix_length(prompts)
+        if len(prompts) > 1 and shared > 0:
+            self.model(
+                input_ids=torch.tensor([prompts[0][:shared]]), past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
+            cache.batch_select_indices(torch.zeros(len(prompts), dtype=torch.long))
+        else:
+            shared = 0
+        # 2. The rest of each prompt, left-padded after the shared prefix: [U, S + L]
+        rests = [p[shared:] for p in prompts]
+        length = max(len(r) for r in rests)
+        input_ids_UL = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.long)
+        mask_UL = torch.zeros((len(prompts), shared + length), dtype=torch.long)
+        mask_UL[:, :shared] = 1
+        for u, r in enumerate(rests):
+            input_ids_UL[u, length - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask_UL[u, shared + length - len(r) :] = 1
+        positions_UL = (mask_UL.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        out = self.model(
+            input_ids=input_ids_UL,
+            attention_mask=mask_UL,
+            position_ids=positions_UL,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        # Fan out each prompt's cache to its copies: [B, ...] with B = sum(counts)
+        expand_B = torch.repeat_interleave(torch.arange(len(prompts)), counts)
+        cache.batch_select_indices(expand_B)
+        logits_BV = out.logits[:, -1].float()[expand_B]
+        mask_BL = mask_UL[expand_B]
+        next_pos_B = positions_UL[expand_B, -1] + 1
+        batch = len(expand_B)
+        tokens: list[torch.Tensor] = []
+        logprobs: list[torch.Tensor] = []
+        done_B = torch.zeros(batch, dtype=torch.bool)
+        for step in range(max_tokens):
+            tok_B, lp_B = _draw(logits_BV, temperature, generator)
+            tok_B = torch.where(done_B, self.pad_token_id, tok_B)
+            tokens.append(tok_B)
+            logprobs.append(lp_B)
+            done_B = done_B | torch.isin(tok_B, self.eos_token_ids)
+            if bool(done_B.all()) or step == max_tokens - 1:
+                break
+            mask_BL = torch.cat([mask_BL, torch.ones((batch, 1), dtype=torch.long)], dim=1)
+            out = self.model(
+                input_ids=tok_B[:, None],
+                attention_mask=mask_BL,
+                position_ids=next_pos_B[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            next_pos_B = next_pos_B + 1
+            logits_BV = out.logits[:, -1].float()
+        tokens_BT = torch.stack(tokens, dim=1)
+        logprobs_BT = torch.stack(logprobs, dim=1)
+        completions = [_to_completion(tokens_BT[b], logprobs_BT[b], self.eos_token_ids) for b in range(batch)]
+        grouped, start = [], 0
+        for c in counts.tolist():
+            grouped.append(completions[start : start + c])
+            start += c
+        return grouped
+
+
+def _common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the longest prefix shared by all prompts, leaving each at least one own token."""
+    shortest = min(len(p) for p in prompts)
+    n = 0
+    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n
+
+
+def _draw(logits_BV: torch.Tensor, temperature: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row; return (tokens [B], logprobs [B]) of the sampled distribution."""
+    if temperature <= 0:
+        logp_BV = torch.log_softmax(logits_BV, dim=-1)
+        tok_B = logp_BV.argmax(dim=-1)
+    else:
+        logp_BV = torch.log_softmax(logits_BV / temperature, dim=-1)
+        tok_B = torch.multinomial(logp_BV.exp(), 1, generator=generator).squeeze(-1)
+    return tok_B, logp_BV.gather(-1, tok_B[:, None]).squeeze(-1)
+
+
+def _to_completion(tokens_T: torch.Tensor, logprobs_T: torch.Tensor, eos_ids: torch.Tensor) -> Completion:
+    """Cut after the first end-of-turn token (kept: training must learn to stop)."""
+    hits = torch.isin(tokens_T, eos_ids).nonzero()
+    if len(hits):
+        end = int(hits[0]) + 1
+        return Completion(tuple(tokens_T[:end].tolist()), tuple(logprobs_T[:end].tolist()), "stop")
+    return Completion(tuple(tokens_T.tolist()), tuple(logprobs_T.tolist()), "length")

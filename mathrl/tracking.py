@@ -1,0 +1,71 @@
+"""The run directory's append-only logs, written so that a kill never corrupts them.
+
+metrics.jsonl / checkpoints.jsonl: each row is one ``os.write`` of a complete line on an
+O_APPEND descriptor followed by fsync, so a SIGKILL leaves whole rows only. Whole files
+(config.json, rollouts, plots) are written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    data = (json.dumps(row) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file; a missing file is empty. A malformed line is an error naming it."""
+    if not path.exists():
+        return []
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+    return rows
+
+
+def keep_rows(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Rewrite ``path`` atomically with only the rows ``keep`` accepts (used on resume)."""
+    if path.exists():
+        write_jsonl(path, [r for r in read_jsonl(path) if keep(r)])
+
+
+class MetricsLogger:
+    """metrics.jsonl sink: one row per step, ``{"step": i, ...}``."""
+
+    def __init__(self, log_path: Path):
+        self.path = log_path / "metrics.jsonl"
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        append_jsonl(self.path, {"step": step, **metrics})
+
+    def rows(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path)

@@ -1,0 +1,1 @@
+"""Entrypoints that change weights: GRPO (rl.py)."""

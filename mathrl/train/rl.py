@@ -1,0 +1,424 @@
+"""GRPO with verifiable rewards, top to bottom in one function: ``train(cfg)``.
+
+Each step: draw ``groups_per_batch`` problems, sample ``group_size`` completions for
+each, grade them, advantage = reward - group mean, compute a policy-gradient loss
+from a registry, take ``num_substeps`` optimizer steps, log, checkpoint.
+
+What differs from the GRPO paper, on purpose (as in tinker-cookbook):
+- advantages are not divided by the group std unless ``normalize_advantages_by_std``
+  (Dr. GRPO's argument), and constant-reward groups are dropped by default;
+- the default loss is importance sampling (ratio * A, no clipping); ``loss_fn=ppo`` clips;
+- the KL penalty is off by default; when on, it is the k3 estimator against the frozen
+  starting weights (the base model with adapters disabled, for LoRA);
+- sampling runs on a bf16 copy of the policy with LoRA merged in, refreshed after every
+  update; the trainer's logprobs are compared with the sampler's (``optim/kl_sample_train_v1``)
+  so a mismatch between the two is visible, and the importance ratio corrects for it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from mathrl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from mathrl.config import ConfigError, config_from_dict, config_to_dict, diff_configs
+from mathrl.envs.registry import make_dataset
+from mathrl.models import EMBEDDED_MODEL, load_model, load_tokenizer, sync_weights, wrap_lora
+from mathrl.plots import plot_metrics
+from mathrl.rl.advantages import group_advantages, is_constant
+from mathrl.rl.batching import Batch, Datum, action_logprobs, collate, trajectory_datums
+from mathrl.rl.losses import AGGREGATIONS, LOSSES, kl_k3
+from mathrl.rollout.metrics import group_metrics
+from mathrl.rollout.runner import run_groups
+from mathrl.rollout.sampler import TorchSampler
+from mathrl.tracking import MetricsLogger, atomic_write_text, keep_rows, write_jsonl
+from mathrl.types import TrajectoryGroup
+
+
+def _help(text: str, **extra: Any) -> Any:
+    return {"help": text, **extra}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of ``mathrl train``; names follow tinker-cookbook."""
+
+    env: str = field(default="arithmetic", metadata=_help("Environment name (see the env registry)."))
+    env_args: dict[str, Any] = field(default_factory=dict, metadata=_help("Env options, e.g. env_args.max_operand=20."))
+    model_name: str = field(
+        default=EMBEDDED_MODEL, metadata=_help("HF hub id, local HF directory, or the embedded model.")
+    )
+    group_size: int = field(default=8, metadata=_help("Completions sampled per problem.", min=1))
+    groups_per_batch: int = field(default=16, metadata=_help("Problems per step.", min=1))
+    learning_rate: float = field(default=1e-3, metadata=_help("AdamW peak learning rate.", min=0))
+    lr_schedule: Literal["constant", "linear"] = field(
+        default="constant", metadata=_help("Decay to 0 over max_steps, or not.")
+    )
+    max_tokens: int = field(default=16, metadata=_help("Max new tokens per completion.", min=1))
+    temperature: float = field(default=1.0, metadata=_help("Sampling temperature during training.", min=0))
+    lora_rank: int = field(default=32, metadata=_help("LoRA rank on all linear layers; 0 = full fine-tuning.", min=0))
+    lora_alpha: int | None = field(default=None, metadata=_help("LoRA alpha (default: = lora_rank)."))
+    loss_fn: Literal["importance_sampling", "ppo"] = field(
+        default="importance_sampling", metadata=_help("Policy loss.")
+    )
+    loss_agg: Literal["token_sum", "token_mean", "seq_mean"] = field(
+        default="token_mean", metadata=_help("How per-token losses are combined.")
+    )
+    ppo_clip: float = field(default=0.2, metadata=_help("Clip range of loss_fn=ppo.", min=0))
+    kl_penalty_coef: float = field(default=0.0, metadata=_help("k3 KL penalty to the starting weights.", min=0))
+    normalize_advantages_by_std: bool = field(default=False, metadata=_help("Divide advantages by the group std."))
+    remove_constant_reward_groups: bool = field(default=True, metadata=_help("Drop groups with no reward spread."))
+    num_substeps: int = field(default=1, metadata=_help("Optimizer steps per batch (minibatches).", min=1))
+    micro_batch_size: int = field(default=32, metadata=_help("Sequences per forward/backward (memory only).", min=1))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping (0 = off).", min=0))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay.", min=0))
+    max_steps: int = field(default=60, metadata=_help("Training steps.", min=0))
+    max_turns: int = field(default=1, metadata=_help("Max turns per episode (multi-turn envs).", min=1))
+    eval_every: int = field(default=10, metadata=_help("Test evaluation every N steps (0 = only at the end).", min=0))
+    eval_temperature: float = field(default=0.0, metadata=_help("Test sampling temperature (0 = greedy).", min=0))
+    eval_n: int = field(default=1, metadata=_help("Samples per test problem.", min=1))
+    save_every: int = field(default=20, metadata=_help("Checkpoint every N steps (0 = only the final one).", min=0))
+    log_path: str | None = field(
+        default=None, metadata=_help("Run directory (default runs/<env>-<time>); reused = resume.")
+    )
+    seed: int = field(default=0, metadata=_help("Seed for data, sampling and LoRA init."))
+    train_bf16: bool = field(default=True, metadata=_help("bf16 autocast for the training forward/backward."))
+    sample_dtype: Literal["bfloat16", "float32"] = field(default="bfloat16", metadata=_help("Sampler weights dtype."))
+    device: str | None = field(default=None, metadata=_help("cpu, cuda, ... (default: cuda if available)."))
+    num_threads: int | None = field(default=None, metadata=_help("torch CPU threads (default: all cores)."))
+    save_rollouts: bool = field(default=True, metadata=_help("Write sampled rollouts per step to rollouts/."))
+
+
+# Keys that may change between a run and its resumption without changing what it computes.
+_RESUMABLE_CHANGES = {
+    "max_steps",
+    "eval_every",
+    "save_every",
+    "log_path",
+    "num_threads",
+    "save_rollouts",
+    "micro_batch_size",
+}
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Run (or resume) GRPO; return the run directory."""
+    log_path = Path(cfg.log_path or f"runs/{cfg.env}-{datetime.now():%Y%m%d-%H%M%S}")
+    cfg = replace(cfg, log_path=str(log_path))
+    log_path.mkdir(parents=True, exist_ok=True)
+    checkpoint = _check_resume(cfg, log_path)
+    atomic_write_text(log_path / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _seed_everything(cfg.seed)
+
+    # --- model, sampler, data -------------------------------------------------------------
+    tokenizer = load_tokenizer(cfg.model_name)
+    dataset, env_options = make_dataset(cfg.env, cfg.env_args, cfg.groups_per_batch, cfg.seed)
+    base_model = load_model(cfg.model_name, torch.float32)
+    ref_model = (
+        load_model(cfg.model_name).eval().requires_grad_(False) if cfg.kl_penalty_coef and not cfg.lora_rank else None
+    )
+    torch.manual_seed(cfg.seed)  # LoRA init draws random numbers: seed first (TRL #6688)
+    policy = wrap_lora(base_model, cfg.lora_rank, cfg.lora_alpha)
+    if checkpoint is not None:
+        _load_weights(policy, checkpoint, cfg.lora_rank)
+    policy.to(device).train()
+    sampler_model = load_model(cfg.model_name, getattr(torch, cfg.sample_dtype))
+    sampler_model.to(device).requires_grad_(False)  # type: ignore[arg-type]
+    sync_weights(policy, sampler_model)
+    sampler = TorchSampler(sampler_model, _eos_ids(tokenizer), tokenizer.pad_token_id)
+    if ref_model is not None:
+        ref_model.to(device)
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    total_updates = max(cfg.max_steps * cfg.num_substeps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: 1.0 if cfg.lr_schedule == "constant" else max(0.0, 1 - i / total_updates)
+    )
+    start_step = 0
+    if checkpoint is not None:
+        state = load_trainer_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+    logger = MetricsLogger(log_path)
+    keep_rows(logger.path, lambda r: r["step"] < start_step)  # rows after the checkpoint are redone
+    keep_rows(log_path / "checkpoints.jsonl", lambda r: r["step"] <= start_step)
+
+    def evaluate(step: int) -> dict[str, float]:
+        t0 = time.time()
+        groups = run_groups(
+            dataset.test_builders(), cfg.eval_n, sampler, tokenizer,
+            max_tokens=cfg.max_tokens, temperature=cfg.eval_temperature,
+            seed=_step_seed(cfg.seed, step, "eval"), max_turns=cfg.max_turns,
+        )  # fmt: skip
+        return {**group_metrics(groups, prefix="test/"), "time/eval": time.time() - t0}
+
+    def save(step: int, final: bool = False) -> None:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        save_checkpoint(log_path, step, policy, tokenizer, state, final=final)
+
+    bar = _ProgressBar(cfg.max_steps, start_step, enabled=progress)
+    run_start = time.time()
+    # --- the loop -------------------------------------------------------------------------
+    for step in range(start_step, cfg.max_steps):
+        t_step = time.time()
+        metrics: dict[str, float] = {}
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            metrics |= evaluate(step)
+
+        # 1. sample group_size completions for each problem, graded by the env
+        t0 = time.time()
+        groups = run_groups(
+            dataset.get_batch(step), cfg.group_size, sampler, tokenizer,
+            max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+            seed=_step_seed(cfg.seed, step, "train"), max_turns=cfg.max_turns,
+        )  # fmt: skip
+        metrics |= group_metrics(groups)
+        metrics["time/sample"] = time.time() - t0
+
+        # 2. advantages within each group -> training sequences
+        datums = _datums(groups, cfg)
+        metrics["optim/num_sequences"] = len(datums)
+
+        # 3. policy-gradient update(s), then refresh the sampler's weights
+        t0 = time.time()
+        if datums:
+            metrics |= _update(
+                policy, ref_model, optimizer, scheduler, collate(datums, tokenizer.pad_token_id), cfg, device
+            )
+            sync_weights(policy, sampler_model)
+        else:
+            for _ in range(cfg.num_substeps):
+                scheduler.step()
+        metrics["time/train"] = time.time() - t0
+
+        # 4. log, keep rollouts, checkpoint
+        if cfg.save_rollouts:
+            _save_rollouts(log_path, step, groups, tokenizer)
+        metrics |= {"progress/batch": step, "optim/lr": float(scheduler.get_last_lr()[0])}
+        metrics["time/step"] = time.time() - t_step
+        metrics["time/total"] = time.time() - run_start
+        logger.log(step, metrics)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
+            save(step + 1)
+        bar.update(step, metrics)
+        if "test/env/all/correct" in metrics:
+            plot_metrics(logger.rows(), log_path / "plot.png", title=f"{cfg.env} | {cfg.model_name}")
+
+    # --- the end: final checkpoint, then evaluate exactly those weights --------------------
+    if start_step < cfg.max_steps or latest_checkpoint(log_path) is None:
+        save(cfg.max_steps, final=True)
+    final = evaluate(cfg.max_steps)
+    logger.log(cfg.max_steps, {**final, "time/total": time.time() - run_start})
+    plot_metrics(logger.rows(), log_path / "plot.png", title=f"{cfg.env} | {cfg.model_name}")
+    bar.close(final)
+    _warn_truncation(logger.rows())
+    del env_options
+    return log_path
+
+
+def _update(
+    policy: torch.nn.Module,
+    ref_model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batch: Batch,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    """``num_substeps`` optimizer steps over consecutive minibatches of ``batch``."""
+    stats: dict[str, list[float]] = {}
+
+    def add(key: str, value: float, weight: float = 1.0) -> None:
+        stats.setdefault(key, []).extend([value * weight, weight])
+
+    bounds = np.linspace(0, len(batch), cfg.num_substeps + 1).round().astype(int)
+    for sub, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        if hi <= lo:
+            continue
+        minibatch = batch.slice(lo, hi)
+        weights_BT = AGGREGATIONS[cfg.loss_agg](minibatch.action_mask_BT)
+        optimizer.zero_grad(set_to_none=True)
+        for m in range(0, len(minibatch), cfg.micro_batch_size):
+            micro = _to(minibatch.slice(m, m + cfg.micro_batch_size), device)
+            w_BT = weights_BT[m : m + cfg.micro_batch_size].to(device)
+            mask_BT = micro.action_mask_BT
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train_bf16):
+                logp_BT, entropy_BT = action_logprobs(policy, micro, cfg.temperature)
+            loss_BT = LOSSES[cfg.loss_fn](logp_BT, micro.sample_logprobs_BT, micro.advantages_B, cfg.ppo_clip)
+            if cfg.kl_penalty_coef:
+                ref_logp_BT = _ref_logprobs(policy, ref_model, micro, cfg, device)
+                kl_BT = kl_k3(logp_BT, ref_logp_BT)
+                loss_BT = loss_BT + cfg.kl_penalty_coef * kl_BT
+                add("optim/kl_ref", float((kl_BT * mask_BT).sum() / mask_BT.sum()), float(mask_BT.sum()))
+            loss = (loss_BT * w_BT).sum()
+            loss.backward()
+            n_tok = float(mask_BT.sum())
+            diff_BT = (micro.sample_logprobs_BT - logp_BT.detach()) * mask_BT
+            ratio_BT = torch.exp(-diff_BT)
+            if sub == 0:  # before any update: pure sampler/trainer mismatch
+                add("optim/kl_sample_train_v1", float(diff_BT.sum()) / n_tok, n_tok)
+                add("optim/kl_sample_train_v2", float(0.5 * (diff_BT**2).sum()) / n_tok, n_tok)
+            add("optim/entropy", float((entropy_BT * mask_BT).sum()) / n_tok, n_tok)
+            add("optim/ratio_mean", float((ratio_BT * mask_BT).sum()) / n_tok, n_tok)
+            clipped = ((ratio_BT - 1).abs() > cfg.ppo_clip).float() * mask_BT
+            add("optim/frac_ratio_outside_clip", float(clipped.sum()) / n_tok, n_tok)
+            add("optim/loss", float(loss.detach()), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in policy.parameters() if p.requires_grad], cfg.max_grad_norm or float("inf")
+        )
+        add("optim/grad_norm", float(grad_norm))
+        optimizer.step()
+        scheduler.step()
+    out = {k: sum(v[0::2]) / max(sum(v[1::2]), 1e-12) for k, v in stats.items()}
+    out["optim/loss"] = sum(stats["optim/loss"][0::2])  # a sum over micro-batches, not a mean
+    out["optim/advantage_abs_mean"] = float(batch.advantages_B.abs().mean())
+    return out
+
+
+def _ref_logprobs(
+    policy: torch.nn.Module, ref_model: torch.nn.Module | None, micro: Batch, cfg: TrainConfig, device: torch.device
+) -> torch.Tensor:
+    """Logprobs under the starting weights: adapters off for LoRA, a frozen copy otherwise."""
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train_bf16):
+        if ref_model is not None:
+            return action_logprobs(ref_model, micro, cfg.temperature)[0]
+        with policy.disable_adapter():  # type: ignore[operator]
+            return action_logprobs(policy, micro, cfg.temperature)[0]
+
+
+def _datums(groups: list[TrajectoryGroup], cfg: TrainConfig) -> list[Datum]:
+    datums: list[Datum] = []
+    for group in groups:
+        rewards_G = torch.tensor(group.rewards_G, dtype=torch.float32)
+        if cfg.remove_constant_reward_groups and is_constant(rewards_G):
+            continue
+        advantages_G = group_advantages(rewards_G, cfg.normalize_advantages_by_std)
+        for traj, adv in zip(group.trajectories_G, advantages_G.tolist(), strict=True):
+            datums += trajectory_datums(traj, adv)
+    return datums
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return batch if device.type == "cpu" else Batch(*(t.to(device) for t in vars(batch).values()))
+
+
+def _load_weights(policy: torch.nn.Module, checkpoint: Path, lora_rank: int) -> None:
+    from safetensors.torch import load_file
+
+    if lora_rank:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(policy, load_file(checkpoint / "adapter_model.safetensors"))
+    else:
+        state: dict[str, torch.Tensor] = {}
+        for f in sorted(checkpoint.glob("*.safetensors")):
+            state |= load_file(f)
+        missing, unexpected = policy.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise RuntimeError(f"{checkpoint}: checkpoint does not match the model ({missing[:3]}, {unexpected[:3]})")
+
+
+def _check_resume(cfg: TrainConfig, log_path: Path) -> Path | None:
+    """The checkpoint to resume from; refuse when the saved config differs in what it computes."""
+    saved_file = log_path / "config.json"
+    checkpoint = latest_checkpoint(log_path)
+    if saved_file.exists():
+        saved = config_to_dict(config_from_dict(TrainConfig, json.loads(saved_file.read_text()), str(saved_file)))
+        changed = [k for k in diff_configs(saved, config_to_dict(cfg)) if k not in _RESUMABLE_CHANGES]
+        if changed:
+            raise ConfigError(
+                f"log_path {log_path} holds a run with a different config ({', '.join(changed)}); "
+                "use a new log_path to start a new run"
+            )
+    return checkpoint
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _step_seed(seed: int, step: int, purpose: str) -> int:
+    """A seed per (run seed, step, purpose): a resumed step samples what the original would."""
+    return (seed * 1_000_003 + step * 7919 + {"train": 1, "eval": 2}[purpose]) % (2**63)
+
+
+def _eos_ids(tokenizer: Any) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+def _save_rollouts(log_path: Path, step: int, groups: list[TrajectoryGroup], tokenizer: Any) -> None:
+    folder = log_path / "rollouts"
+    folder.mkdir(exist_ok=True)
+    rows = []
+    for g, group in enumerate(groups):
+        for traj in group.trajectories_G:
+            for turn, tr in enumerate(traj.transitions):
+                rows.append({
+                    "group": g, "turn": turn, "reward": tr.reward, "total_reward": traj.total_reward,
+                    "prompt": tokenizer.decode(tr.ob_tokens_T), "completion": tr.ac_text,
+                    "finish_reason": tr.ac.finish_reason, **tr.metrics,
+                })  # fmt: skip
+    write_jsonl(folder / f"step_{step:06d}.jsonl", rows)
+
+
+def _warn_truncation(rows: list[dict[str, Any]]) -> None:
+    """Reward stuck at 0 because max_tokens cuts answers short is a classic (tinker #180)."""
+    recent = [r["env/all/frac_truncated"] for r in rows[-5:] if "env/all/frac_truncated" in r]
+    if recent and sum(recent) / len(recent) > 0.5:
+        print(f"warning: {sum(recent) / len(recent):.0%} of recent completions hit max_tokens; consider raising it")
+
+
+class _ProgressBar:
+    """A rich progress bar showing step, reward, test accuracy and time per step."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.enabled = enabled
+        self.test = float("nan")
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"), disable=not enabled,
+        )  # fmt: skip
+        self.task = self.progress.add_task("", total=total, completed=start)
+        self.progress.start()
+
+    def update(self, step: int, m: dict[str, float]) -> None:
+        self.test = m.get("test/env/all/correct", self.test)
+        reward, correct = m.get("env/all/reward/total", math.nan), m.get("env/all/correct", math.nan)
+        desc = f"reward {reward:.3f} correct {correct:.3f} test {self.test:.3f} | {m['time/step']:.1f}s/step"
+        self.progress.update(self.task, completed=step + 1, description=desc)
+        if "test/env/all/correct" in m:
+            self.progress.console.print(f"step {step}: test correct {self.test:.3f}")
+
+    def close(self, final: dict[str, float]) -> None:
+        self.progress.stop()
+        if self.enabled:
+            print(f"final test correct {final.get('test/env/all/correct', math.nan):.3f}")
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,75 @@
+"""The arithmetic env: grading, the seeded data stream and the held-out test set."""
+
+import pytest
+
+from mathrl.envs.arithmetic import ArithmeticConfig, ArithmeticDataset, grade_last_integer, last_integer
+from mathrl.envs.registry import env_options
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("42", 42), ("12 + 30 = 42", 42), ("The answer is -7.", -7), ("1,234", 1234), ("no digits", None), ("", None)],
+)
+def test_last_integer(text, value):
+    assert last_integer(text) == value
+
+
+def test_grade_last_integer_reports_correct_and_format():
+    assert grade_last_integer("30 + 12 = 42", "42") == (True, True)
+    assert grade_last_integer("42 is wrong, it is 41", "42") == (False, True)
+    assert grade_last_integer("forty-two", "42") == (False, False)
+
+
+def _problem(builder):
+    return builder.messages[-1].content, builder.reference
+
+
+def test_batches_are_a_pure_function_of_the_step():
+    cfg = ArithmeticConfig(max_operand=50, test_size=50)
+    a, b = ArithmeticDataset(cfg, 8, seed=1), ArithmeticDataset(cfg, 8, seed=1)
+    assert [_problem(x) for x in a.get_batch(3)] == [_problem(x) for x in b.get_batch(3)]
+    assert [_problem(x) for x in a.get_batch(3)] != [_problem(x) for x in a.get_batch(4)]
+    assert [_problem(x) for x in a.get_batch(3)] != [_problem(x) for x in ArithmeticDataset(cfg, 8, 2).get_batch(3)]
+
+
+def test_training_never_draws_a_test_problem():
+    cfg = ArithmeticConfig(min_operand=0, max_operand=20, test_size=200)
+    data = ArithmeticDataset(cfg, 16, seed=0)
+    test = {_problem(b) for b in data.test_builders()}
+    assert len(test) == 200
+    seen = {_problem(b) for step in range(100) for b in data.get_batch(step)}
+    assert not seen & test
+    for question, answer in seen:
+        x, y = question.removeprefix("What is ").removesuffix("?").split(" + ")
+        assert int(x) + int(y) == int(answer)
+
+
+def test_env_prompt_has_one_shot_example_and_rewards_exact_answer():
+    data = ArithmeticDataset(ArithmeticConfig(max_operand=50, test_size=10), 1, seed=0)
+    builder = data.get_batch(0)[0]
+    envs = builder.make_envs(4)
+    assert len(envs) == 4
+    msgs = envs[0].initial_messages()
+    assert [m.role for m in msgs] == ["user", "assistant", "user"]
+    assert envs[0].step(builder.reference).reward == 1.0
+    assert envs[0].step(str(int(builder.reference) + 1)).reward == 0.0
+
+
+def test_operators_option():
+    data = ArithmeticDataset(ArithmeticConfig(max_operand=9, operators="*", test_size=10), 4, seed=0)
+    for b in data.get_batch(0):
+        x, y = b.messages[-1].content.removeprefix("What is ").removesuffix("?").split(" * ")
+        assert int(x) * int(y) == int(b.reference)
+
+
+def test_env_option_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"env_args\.max_operandd.*Did you mean 'env_args.max_operand'"):
+        env_options("arithmetic", {"max_operandd": 5})
+    with pytest.raises(ValueError, match=r"env_args\.max_operand: expected int"):
+        env_options("arithmetic", {"max_operand": "ten"})
+    with pytest.raises(ValueError, match="operators"):
+        env_options("arithmetic", {"operators": "/"})
+    with pytest.raises(ValueError, match="Did you mean 'arithmetic'"):
+        env_options("arithmetc", {})
+    with pytest.raises(ValueError, match="test_size"):
+        ArithmeticDataset(ArithmeticConfig(max_operand=5, test_size=30), 4, 0)

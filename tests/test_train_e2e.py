@@ -1,0 +1,154 @@
+"""Real GRPO runs of ``mathrl train``: two steps on the embedded model, SIGKILL + resume,
+full fine-tuning of a local HF directory, and config errors from the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# Small but real: the embedded model on easy sums (mixed rewards, so updates happen).
+SMALL = [
+    "group_size=4", "groups_per_batch=3", "max_tokens=6", "env_args.max_operand=9",
+    "env_args.test_size=8", "eval_every=2", "micro_batch_size=8",
+]  # fmt: skip
+
+
+def _mathrl(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "mathrl.cli", *args], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mathrl {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _deterministic(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+@pytest.mark.slow
+def test_two_grpo_steps_on_the_embedded_model(tmp_path):
+    run = tmp_path / "run"
+    _mathrl("train", *SMALL, "max_steps=2", "save_every=1", f"log_path={run}")
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for key in ("env/all/reward/total", "env/all/correct", "env/all/ac_tokens_per_turn", "optim/lr",
+                "env/all/by_group/frac_mixed", "time/sample", "time/train", "progress/batch"):  # fmt: skip
+        assert key in rows[0] and key in rows[1], key
+    assert "test/env/all/correct" in rows[0] and "test/env/all/correct" in rows[2]  # step 0 and after the end
+    updated = [r for r in rows[:2] if r["optim/num_sequences"] > 0]
+    assert updated, "no step had a mixed group: the test would not exercise an update"
+    for r in updated:
+        assert abs(r["optim/kl_sample_train_v1"]) < 0.05  # bf16 sampler vs trainer agree
+        assert r["optim/entropy"] > 0 and r["optim/grad_norm"] > 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["group_size"] == 4 and config["env_args"] == {"max_operand": 9, "test_size": 8}
+    ckpts = [json.loads(line) for line in (run / "checkpoints.jsonl").read_text().splitlines()]
+    assert [(c["step"], c["final"]) for c in ckpts] == [(1, False), (2, True)]
+    assert (run / "plot.png").stat().st_size > 1000
+    rollouts = (run / "rollouts" / "step_000001.jsonl").read_text().splitlines()
+    assert len(rollouts) == 12 and "What is" in json.loads(rollouts[0])["prompt"]
+    # The checkpoint is an ordinary peft adapter any tool can load.
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(run / "checkpoints" / "step_000002")
+    assert model.peft_config["default"].r == 32
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_identical_metrics(tmp_path):
+    args = [*SMALL, "max_steps=5", "save_every=1", "eval_every=2"]
+    straight = tmp_path / "straight"
+    _mathrl("train", *args, f"log_path={straight}")
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mathrl.cli", "train", *args, f"log_path={killed}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    ckpts = killed / "checkpoints.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.exists() and len(ckpts.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be killed"
+    time.sleep(1.5)  # land somewhere inside the next step
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = _rows(killed)  # every row written before the kill is whole JSON
+    assert 2 <= len(partial) < 6
+    json.loads((killed / "config.json").read_text())
+
+    _mathrl("train", *args, f"log_path={killed}")
+    assert _deterministic(_rows(killed)) == _deterministic(_rows(straight))
+    steps = [json.loads(line)["step"] for line in ckpts.read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 5
+
+
+def test_full_finetuning_of_a_local_hf_directory(tmp_path, tiny_model):
+    from mathrl.models import EMBEDDED_MODEL, load_tokenizer
+
+    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    model_dir = tmp_path / "tiny"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    run = tmp_path / "run"
+    _mathrl(
+        "train", f"model_name={model_dir}", "lora_rank=0", "max_steps=2", "group_size=4", "groups_per_batch=2",
+        "max_tokens=4", "env_args.test_size=4", "env_args.max_operand=9", "remove_constant_reward_groups=false",
+        f"log_path={run}",
+    )  # fmt: skip
+    rows = _rows(run)
+    assert rows[0]["optim/num_sequences"] == 8 and rows[0]["optim/grad_norm"] > 0
+    final = run / "checkpoints" / "step_000002"
+    reloaded = LlamaForCausalLM.from_pretrained(final)
+    original = LlamaForCausalLM.from_pretrained(model_dir)
+    changed = [n for n, p in reloaded.named_parameters() if not p.equal(dict(original.named_parameters())[n])]
+    assert changed, "full fine-tuning changed no weight"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["learning_rat=1e-4"], "Did you mean 'learning_rate'"),
+        (["learning_rate=fast"], "learning_rate: expected a float"),
+        (["loss_fn=grpo"], "loss_fn"),
+        (["group_size=0"], "group_size: must be >= 1"),
+        (["env=arithmatic"], "Did you mean 'arithmetic'"),
+        (["env_args.max_operant=5"], "Did you mean 'env_args.max_operand'"),
+        (["config=/nonexistent.yaml"], "/nonexistent.yaml"),
+    ],
+)
+def test_config_errors_exit_2_with_a_clear_message(args, message, tmp_path):
+    proc = _mathrl("train", *args, f"log_path={tmp_path / 'r'}", check=False, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_lists_every_key_with_its_default():
+    from dataclasses import fields
+
+    from mathrl.train.rl import TrainConfig
+
+    out = _mathrl("train", "--help", timeout=120).stdout
+    for f in fields(TrainConfig):
+        assert f.name in out
+    assert "env_args.max_operand" in out and "= 1e-03" in out.replace("0.001", "1e-03")
