@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from mathrl.config import ConfigError, config_help, parse_config
@@ -40,6 +41,8 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # peft calls a transformers method that warns about its own rename; not actionable for users.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
         print("usage: mathrl <command> [key=value ...] [config=FILE]\n\ncommands:")
