@@ -64,7 +64,7 @@ class TrainConfig:
     groups_per_batch: int = field(default=16, metadata=_help("Problems per step.", min=1))
     learning_rate: float = field(default=1e-3, metadata=_help("AdamW peak learning rate.", min=0))
     lr_schedule: Literal["constant", "linear"] = field(
-        default="constant", metadata=_help("Decay to 0 over max_steps, or not.")
+        default="linear", metadata=_help("Decay to 0 over max_steps, or not.")
     )
     max_tokens: int = field(default=16, metadata=_help("Max new tokens per completion.", min=1))
     temperature: float = field(default=1.0, metadata=_help("Sampling temperature during training.", min=0))
