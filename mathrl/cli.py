@@ -10,7 +10,11 @@ from mathrl.config import ConfigError, config_help, parse_config
 
 
 def _train(argv: Sequence[str]) -> None:
+    from transformers.utils import logging as hf_logging
+
     from mathrl.train.rl import TrainConfig, train
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars would drown the run's own progress
 
     if any(a in ("-h", "--help", "help") for a in argv):
         print(config_help(TrainConfig, "mathrl train"))

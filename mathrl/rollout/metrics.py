@@ -13,6 +13,12 @@ def _final_metric(traj: Trajectory, key: str) -> float | None:
     return values[-1] if values else None
 
 
+def _succeeded(traj: Trajectory) -> bool:
+    """Correct when the env reports correctness, else a positive reward."""
+    correct = _final_metric(traj, "correct")
+    return correct > 0 if correct is not None else traj.total_reward > 0
+
+
 def group_metrics(groups: Sequence[TrajectoryGroup], prefix: str = "") -> dict[str, float]:
     """env/all/... metrics: reward, correct, format, tokens, truncation and group outcome fractions."""
     trajs = [t for g in groups for t in g.trajectories_G]
@@ -31,10 +37,7 @@ def group_metrics(groups: Sequence[TrajectoryGroup], prefix: str = "") -> dict[s
             out[f"env/all/{key}"] = fmean(values)
     outcomes = {"mixed": 0, "all_good": 0, "all_bad": 0}
     for g in groups:
-        good = [
-            (_final_metric(t, "correct") or 0.0) > 0 if _final_metric(t, "correct") is not None else t.total_reward > 0
-            for t in g.trajectories_G
-        ]
+        good = [_succeeded(t) for t in g.trajectories_G]
         outcomes["all_good" if all(good) else "all_bad" if not any(good) else "mixed"] += 1
     for name, count in outcomes.items():
         out[f"env/all/by_group/frac_{name}"] = count / len(groups)

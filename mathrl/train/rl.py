@@ -81,7 +81,7 @@ class TrainConfig:
     normalize_advantages_by_std: bool = field(default=False, metadata=_help("Divide advantages by the group std."))
     remove_constant_reward_groups: bool = field(default=True, metadata=_help("Drop groups with no reward spread."))
     num_substeps: int = field(default=1, metadata=_help("Optimizer steps per batch (minibatches).", min=1))
-    micro_batch_size: int = field(default=32, metadata=_help("Sequences per forward/backward (memory only).", min=1))
+    micro_batch_size: int = field(default=16, metadata=_help("Sequences per forward/backward (memory only).", min=1))
     max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping (0 = off).", min=0))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay.", min=0))
     max_steps: int = field(default=30, metadata=_help("Training steps.", min=0))
