@@ -58,10 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         command(args[1:])
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        if isinstance(e, ConfigError) or type(e) is ValueError or isinstance(e, FileNotFoundError):
-            print(f"mathrl {args[0]}: error: {e}", file=sys.stderr)
-            return 2
-        raise
+        # User mistakes end with one line; ValueError subclasses from deeper down are bugs: traceback.
+        if isinstance(e, ValueError) and type(e) not in (ValueError, ConfigError):
+            raise
+        print(f"mathrl {args[0]}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -101,20 +101,12 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 5
 
 
-def test_full_finetuning_of_a_local_hf_directory(tmp_path, tiny_model):
-    from mathrl.models import EMBEDDED_MODEL, load_tokenizer
+def test_full_finetuning_of_a_local_hf_directory(tmp_path):
+    # The embedded model's converted cache is an ordinary local HF directory. A random tiny
+    # model would never write a digit, so every reward would be 0 and no gradient would flow.
+    from mathrl.models import ensure_embedded_model
 
-    tokenizer = load_tokenizer(EMBEDDED_MODEL)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
-    )  # fmt: skip
-    model_dir = tmp_path / "tiny"
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = ensure_embedded_model()
     run = tmp_path / "run"
     _mathrl(
         "train", f"model_name={model_dir}", "lora_rank=0", "max_steps=2", "group_size=4", "groups_per_batch=2",
@@ -124,6 +116,8 @@ def test_full_finetuning_of_a_local_hf_directory(tmp_path, tiny_model):
     rows = _rows(run)
     assert rows[0]["optim/num_sequences"] == 8 and rows[0]["optim/grad_norm"] > 0
     final = run / "checkpoints" / "step_000002"
+    from transformers import LlamaForCausalLM
+
     reloaded = LlamaForCausalLM.from_pretrained(final)
     original = LlamaForCausalLM.from_pretrained(model_dir)
     changed = [n for n, p in reloaded.named_parameters() if not p.equal(dict(original.named_parameters())[n])]

@@ -40,7 +40,11 @@ def run_groups(
     for turn in range(max_turns):
         if not active:
             break
-        prompts = [render_prompt(tokenizer, convo[e]) for e in active]
+        rendered: dict[tuple[Message, ...], list[int]] = {}  # a group's copies share one rendering
+        for e in active:
+            if tuple(convo[e]) not in rendered:
+                rendered[tuple(convo[e])] = render_prompt(tokenizer, convo[e])
+        prompts = [rendered[tuple(convo[e])] for e in active]
         completions = sampler.sample(prompts, max_tokens=max_tokens, temperature=temperature, seed=seed + 7919 * turn)
         still = []
         for e, prompt, comp in zip(active, prompts, completions, strict=True):

@@ -51,10 +51,13 @@ class TorchSampler:
         for i, p in enumerate(prompts):
             unique.setdefault(tuple(p), []).append(i)
         chunks: list[list[tuple[tuple[int, ...], list[int]]]] = [[]]
+        filled = 0
         for item in unique.items():
-            if chunks[-1] and sum(len(ix) for _, ix in chunks[-1]) + len(item[1]) > self.max_batch:
+            if chunks[-1] and filled + len(item[1]) > self.max_batch:
                 chunks.append([])
+                filled = 0
             chunks[-1].append(item)
+            filled += len(item[1])
         for chunk in chunks:
             outs = self._sample_chunk(chunk, max_tokens, temperature, generator)
             for (_, ix), comps in zip(chunk, outs, strict=True):

@@ -46,6 +46,8 @@ from mathrl.rollout.sampler import TorchSampler
 from mathrl.tracking import MetricsLogger, atomic_write_text, keep_rows, write_jsonl
 from mathrl.types import TrajectoryGroup
 
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 
 def _help(text: str, **extra: Any) -> Any:
     return {"help": text, **extra}
@@ -127,7 +129,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     # --- model, sampler, data -------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model_name)
-    dataset, env_options = make_dataset(cfg.env, cfg.env_args, cfg.groups_per_batch, cfg.seed)
+    dataset, _ = make_dataset(cfg.env, cfg.env_args, cfg.groups_per_batch, cfg.seed)
     base_model = load_model(cfg.model_name, torch.float32)
     ref_model = (
         load_model(cfg.model_name).eval().requires_grad_(False) if cfg.kl_penalty_coef and not cfg.lora_rank else None
@@ -233,7 +235,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     plot_metrics(logger.rows(), log_path / "plot.png", title=f"{cfg.env} | {cfg.model_name}")
     bar.close(final)
     _warn_truncation(logger.rows())
-    del env_options
     return log_path
 
 
@@ -423,6 +424,3 @@ class _ProgressBar:
         self.progress.stop()
         if self.enabled:
             print(f"final test correct {final.get('test/env/all/correct', math.nan):.3f}")
-
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
