@@ -2,22 +2,28 @@
 
 import pytest
 
-from mathrl.envs.arithmetic import ArithmeticConfig, ArithmeticDataset, grade_last_integer, last_integer
+from mathrl.envs.arithmetic import ArithmeticConfig, ArithmeticDataset
+from mathrl.envs.base import SingleTurnEnv
 from mathrl.envs.registry import env_options
 
 
 @pytest.mark.parametrize(
-    ("text", "value"),
-    [("42", 42), ("12 + 30 = 42", 42), ("The answer is -7.", -7), ("1,234", 1234), ("no digits", None), ("", None)],
+    ("text", "correct", "formatted"),
+    [
+        ("30 + 12 = 42", True, True),
+        ("42 is wrong, it is 41", False, True),
+        ("forty-two", False, False),
+        ("1,042", False, True),
+        ("42.5", False, True),
+        ("The answer is -7.", False, True),
+    ],
 )
-def test_last_integer(text, value):
-    assert last_integer(text) == value
-
-
-def test_grade_last_integer_reports_correct_and_format():
-    assert grade_last_integer("30 + 12 = 42", "42") == (True, True)
-    assert grade_last_integer("42 is wrong, it is 41", "42") == (False, True)
-    assert grade_last_integer("forty-two", "42") == (False, False)
+def test_env_grades_the_last_number_through_mathrl_grading(text, correct, formatted):
+    env = SingleTurnEnv((), "42", style="last_number", format_coef=0.1)
+    result = env.step(text)
+    assert result.metrics["correct"] == float(correct)
+    assert result.metrics["format"] == float(formatted)
+    assert result.reward == pytest.approx(float(correct) - (0.0 if formatted else 0.1))
 
 
 def _problem(builder):

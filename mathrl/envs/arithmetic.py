@@ -1,7 +1,8 @@
 """Arithmetic: "What is x + y?" with a seeded stream of training problems.
 
 Modelled on tinker-cookbook's arithmetic env: a one-shot example shows the answer
-format, the reward is 1 when the last integer of the answer equals the result. The
+format, the reward is 1 when the last number of the answer equals the result (graded by
+mathrl.grading, style "last_number"). The
 operand range and the operators are options so the task can be made as hard as the
 model needs. The held-out test set is a fixed seeded list of distinct problems, and
 training never draws one of them: test accuracy measures generalisation to unseen sums.
@@ -10,14 +11,12 @@ training never draws one of them: test accuracy measures generalisation to unsee
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass, field
 
 from mathrl.envs.base import SingleTurnBuilder
 from mathrl.types import Message
 
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-_INT = re.compile(r"-?\d+")
 
 
 @dataclass(frozen=True)
@@ -39,18 +38,6 @@ class ArithmeticConfig:
         bad = set(self.operators) - set(_OPS)
         if not self.operators or bad:
             raise ValueError(f"env_args.operators: expected characters from '+-*', got {self.operators!r}")
-
-
-def last_integer(text: str) -> int | None:
-    """The last integer in ``text`` (thousands separators removed), or None."""
-    found = _INT.findall(text.replace(",", ""))
-    return int(found[-1]) if found else None
-
-
-def grade_last_integer(response: str, reference: str) -> tuple[bool, bool]:
-    """(correct, formatted): formatted when the response contains an integer at all."""
-    value = last_integer(response)
-    return value is not None and value == int(reference), value is not None
 
 
 class ArithmeticDataset:
@@ -87,7 +74,7 @@ class ArithmeticDataset:
         if cfg.one_shot:
             messages += [Message("user", "What is 4 + 5?"), Message("assistant", "9")]
         messages.append(Message("user", f"What is {x} {op} {y}?"))
-        return SingleTurnBuilder(tuple(messages), str(_OPS[op](x, y)), grade_last_integer, cfg.format_coef)
+        return SingleTurnBuilder(tuple(messages), str(_OPS[op](x, y)), "last_number", cfg.format_coef)
 
     def get_batch(self, index: int) -> list[SingleTurnBuilder]:
         rng = random.Random(f"arithmetic-train-{self.seed}-{index}")

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+from mathrl.grading import Grade, grade_batch
 from mathrl.types import Message, StepResult
 
 
@@ -38,32 +39,51 @@ class RLDataset(Protocol):
     def test_builders(self) -> Sequence[GroupBuilder]: ...
 
 
+@runtime_checkable
+class GradedEnv(Env, Protocol):
+    """An env whose step is the grading of its final answer. The runner grades a whole
+    turn of such envs in one :func:`mathrl.grading.grade_batch` call (in parallel, under
+    hard timeouts) and hands each its :class:`Grade`."""
+
+    def grading_request(self, action: str) -> tuple[str, str, str]:
+        """(response, reference, style) to grade."""
+        ...
+
+    def step_graded(self, action: str, grade: Grade) -> StepResult: ...
+
+
 @dataclass(frozen=True)
 class SingleTurnEnv:
-    """One question, one answer, reward from ``grade(answer_text) -> (correct, formatted)``.
+    """One question, one answer, graded by :mod:`mathrl.grading` against ``reference``.
 
-    reward = correct + format_coef * (formatted - 1): a well-formed wrong answer scores 0,
-    a malformed one ``-format_coef`` (tinker-cookbook's convention).
+    reward = correct + format_coef * (formatted - 1), where formatted means a final answer
+    was found: a well-formed wrong answer scores 0, one without a final answer
+    ``-format_coef`` (tinker-cookbook's convention).
     """
 
     messages: tuple[Message, ...]
     reference: str
-    grader: GradeFn
+    style: str = "boxed"
     format_coef: float = 0.0
 
     def initial_messages(self) -> list[Message]:
         return list(self.messages)
 
+    def grading_request(self, action: str) -> tuple[str, str, str]:
+        return action, self.reference, self.style
+
     def step(self, action: str) -> StepResult:
-        correct, formatted = self.grader(action, self.reference)
-        reward = float(correct) + self.format_coef * (float(formatted) - 1.0)
-        return StepResult(
-            reward=reward, episode_done=True, metrics={"correct": float(correct), "format": float(formatted)}
-        )
+        return self.step_graded(action, grade_batch([action], [self.reference], style=self.style)[0])
 
-
-class GradeFn(Protocol):
-    def __call__(self, response: str, reference: str) -> tuple[bool, bool]: ...
+    def step_graded(self, action: str, grade: Grade) -> StepResult:
+        formatted = grade.answer is not None
+        reward = float(grade.correct) + self.format_coef * (float(formatted) - 1.0)
+        metrics = {
+            "correct": float(grade.correct),
+            "format": float(formatted),
+            "grader_timeout": float(grade.timed_out),
+        }
+        return StepResult(reward=reward, episode_done=True, metrics=metrics)
 
 
 @dataclass(frozen=True)
@@ -72,10 +92,10 @@ class SingleTurnBuilder:
 
     messages: tuple[Message, ...]
     reference: str
-    grader: GradeFn
+    style: str = "boxed"
     format_coef: float = 0.0
     tag: str = "all"
 
     def make_envs(self, group_size: int) -> list[SingleTurnEnv]:
-        env = SingleTurnEnv(self.messages, self.reference, self.grader, self.format_coef)
+        env = SingleTurnEnv(self.messages, self.reference, self.style, self.format_coef)
         return [env] * group_size  # stateless, so one instance serves the group

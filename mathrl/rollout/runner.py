@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from mathrl.envs.base import Env, GroupBuilder
+from mathrl.envs.base import Env, GradedEnv, GroupBuilder
+from mathrl.grading import Grade, grade_batch
 from mathrl.prompts import render_prompt
 from mathrl.rollout.sampler import Sampler
 from mathrl.types import Message, Trajectory, TrajectoryGroup, Transition
@@ -46,10 +47,12 @@ def run_groups(
                 rendered[tuple(convo[e])] = render_prompt(tokenizer, convo[e])
         prompts = [rendered[tuple(convo[e])] for e in active]
         completions = sampler.sample(prompts, max_tokens=max_tokens, temperature=temperature, seed=seed + 7919 * turn)
+        texts = [str(tokenizer.decode(list(c.tokens_T), skip_special_tokens=True)) for c in completions]
+        grades = _grade_turn([envs[e] for e in active], texts)
         still = []
-        for e, prompt, comp in zip(active, prompts, completions, strict=True):
-            text = str(tokenizer.decode(list(comp.tokens_T), skip_special_tokens=True))
-            result = envs[e].step(text)
+        for e, prompt, comp, text, grade in zip(active, prompts, completions, texts, grades, strict=True):
+            env = envs[e]
+            result = env.step_graded(text, grade) if isinstance(env, GradedEnv) and grade else env.step(text)
             done = result.episode_done or turn == max_turns - 1
             transitions[e].append(
                 Transition(tuple(prompt), comp, text, result.reward, done, {**result.metrics, "turn": float(turn)})
@@ -62,3 +65,18 @@ def run_groups(
     for e, trs in enumerate(transitions):
         groups[owner[e]].append(Trajectory(tuple(trs)))
     return [TrajectoryGroup(tuple(trajs), b.tag) for trajs, b in zip(groups, builders, strict=True)]
+
+
+def _grade_turn(envs: Sequence[Env], texts: Sequence[str]) -> list[Grade | None]:
+    """Grade every GradedEnv's action of this turn in one batch per answer style."""
+    grades: list[Grade | None] = [None] * len(envs)
+    by_style: dict[str, list[tuple[int, str, str]]] = {}
+    for k, (env, text) in enumerate(zip(envs, texts, strict=True)):
+        if isinstance(env, GradedEnv):
+            response, reference, style = env.grading_request(text)
+            by_style.setdefault(style, []).append((k, response, reference))
+    for style, items in by_style.items():
+        graded = grade_batch([r for _, r, _ in items], [ref for _, _, ref in items], style=style)
+        for (k, _, _), grade in zip(items, graded, strict=True):
+            grades[k] = grade
+    return grades

@@ -1,0 +1,91 @@
+"""Find the final answer in a model's response.
+
+Policy: a response without a recognisable final answer has no answer (graded wrong); we
+never fall back to "some number in the text". The answer is the content of the **last**
+``\\boxed{}``/``\\fbox{}``, found by brace matching from the box itself, so unbalanced
+braces elsewhere in the text cannot shift it. A box inside ``<think>...</think>`` counts
+only when nothing after the block gives a final answer. ``style="gsm8k"`` also takes
+``#### N`` and "The answer is N" (whichever comes last); ``style="last_number"`` takes the
+last number in the text (the arithmetic env's convention).
+"""
+
+from __future__ import annotations
+
+import re
+
+STYLES = ("boxed", "gsm8k", "last_number")
+
+_BOX = re.compile(r"\\(?:boxed|fbox)\b")
+_NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
+_HASHES = re.compile(r"####\s*\$?\s*(?:\\\$\s*)?(" + _NUMBER + r")")
+_ANSWER_IS = re.compile(
+    r"answer\s*(?:is|:)\s*:?\s*(?:\$|\\\(|\\\[)?\s*(?:\\\$\s*|\$\s*)?(" + _NUMBER + r")",
+    re.IGNORECASE,
+)
+_LAST_NUMBER = re.compile(_NUMBER)
+_THINK_END = "</think>"
+
+
+def extract_answer(response: str, style: str = "boxed") -> str | None:
+    """The final answer in ``response`` (stripped), or None when it gives none."""
+    if style not in STYLES:
+        raise ValueError(f"extract_answer: unknown style {style!r}; expected one of {', '.join(STYLES)}")
+    if _THINK_END in response:
+        after = response[response.rindex(_THINK_END) + len(_THINK_END) :]
+        found = _find(after, style)
+        if found is not None:
+            return found[1]
+    found = _find(response, style)
+    return found[1] if found is not None else None
+
+
+def _find(text: str, style: str) -> tuple[int, str] | None:
+    """(position, answer) of the last final answer in ``text`` for ``style``."""
+    if style == "last_number":
+        numbers = _LAST_NUMBER.findall(text)
+        return (0, numbers[-1]) if numbers else None
+    candidates: list[tuple[int, str | None]] = []
+    boxes = list(_BOX.finditer(text))
+    if boxes:
+        last = boxes[-1]
+        candidates.append((last.start(), _box_content(text, last.end())))
+    if style == "gsm8k":
+        for pattern in (_HASHES, _ANSWER_IS):
+            matches = list(pattern.finditer(text))
+            if matches:
+                candidates.append((matches[-1].start(), matches[-1].group(1)))
+    if not candidates:
+        return None
+    position, answer = max(candidates, key=lambda c: c[0])
+    if answer is None or not answer.strip():
+        return None
+    return position, answer.strip()
+
+
+def _box_content(text: str, start: int) -> str | None:
+    """Content of the box whose command ends at ``start``: ``{...}`` by brace matching
+    (escaped ``\\{``/``\\}`` do not count), or ``\\boxed 5`` (one token). None when the
+    box is never closed (a cut-off response)."""
+    i = start
+    while i < len(text) and text[i] in " \t":
+        i += 1
+    if i >= len(text):
+        return None
+    if text[i] != "{":
+        token = re.match(r"[^\s$]+", text[i:])
+        return token.group(0) if token else None
+    depth = 0
+    j = i
+    while j < len(text):
+        ch = text[j]
+        if ch == "\\":
+            j += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j]
+        j += 1
+    return None

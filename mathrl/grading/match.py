@@ -1,0 +1,216 @@
+"""The grading policy: when is a given answer equal to the reference?
+
+Cheap decisions come first and run in the caller's process: equal canonical strings,
+multiple-choice letters, words (units, text answers), numbers in a base, exact rational
+values (:mod:`mathrl.grading.numbers`), and the answer's shape (:mod:`mathrl.grading.structure`).
+Only when those cannot decide is the symbolic side needed; with ``symbolic=False``
+:func:`match` then raises :class:`NeedsSymbolic`, and the pool re-runs it in a worker
+process with ``symbolic=True`` under a hard deadline.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mathrl.grading import numbers
+from mathrl.grading.normalize import normalize, split_words, unwrap
+from mathrl.grading.structure import NAME, Atom, Bag, Matrix, Named, Node, Seq, parse, split_top
+
+
+class NeedsSymbolic(Exception):
+    """The cheap checks cannot decide; sympy must."""
+
+
+MAX_CHARS = 3000  # longer answers are compared as canonical strings only
+
+
+def match(given: str | None, reference: str, symbolic: bool = True) -> bool:
+    """Whether ``given`` is mathematically the ``reference`` answer (see module docs)."""
+    if given is None:
+        return False
+    g, r = normalize(given), normalize(reference)
+    if not g or not r:
+        return False
+    if g == r:
+        return True
+    if len(g) > MAX_CHARS or len(r) > MAX_CHARS:
+        return False
+    choice_r = _choice(r)
+    if choice_r is not None:
+        return _choice(g, leading=True) == choice_r
+    undecided = False
+    for node_r in parse(r):
+        for node_g in parse(g):
+            try:
+                if _nodes_equal(node_g, node_r, symbolic):
+                    return True
+            except NeedsSymbolic:
+                undecided = True
+    if undecided:
+        raise NeedsSymbolic
+    return False
+
+
+_CHOICE = re.compile(r"\(?([A-E])\)?")
+_TEXT_CMD = re.compile(r"\\(?:text|mbox|textbf|mathrm|mathbf)\s*\{")
+
+
+def _choice(s: str, leading: bool = False) -> str | None:
+    """The letter of a multiple-choice answer: ``C``, ``(C)``, ``\\text{(C)}``; with
+    ``leading``, also ``(C) 12``."""
+    t = unwrap(s, _TEXT_CMD).replace(" ", "")
+    m = _CHOICE.fullmatch(t)
+    if m is None and leading:
+        m = re.match(r"\(([A-E])\)", t)
+    return m.group(1) if m else None
+
+
+def _nodes_equal(g: Node, r: Node, symbolic: bool) -> bool:
+    if isinstance(g, Bag) and len(g.items) == 1 and not isinstance(r, Bag):
+        return _nodes_equal(g.items[0], r, symbolic)
+    if isinstance(r, Atom):
+        return isinstance(g, Atom) and atoms_equal(g.text, r.text, symbolic)
+    if isinstance(r, Bag):
+        items = g.items if isinstance(g, Bag) else (g,)
+        return _same_multiset(items, r.items, symbolic)
+    if isinstance(r, Seq):
+        if isinstance(g, Seq):
+            return (g.open, g.close) == (r.open, r.close) and _same_sequence(g.items, r.items, symbolic)
+        if isinstance(g, Named):
+            return _same_sequence(g.values, r.items, symbolic)
+        if isinstance(g, Matrix) and all(len(row) == 1 for row in g.rows):
+            return _same_sequence(tuple(row[0] for row in g.rows), r.items, symbolic)
+        return False
+    if isinstance(r, Named):
+        if isinstance(g, Named):
+            if sorted(g.names) != sorted(r.names):
+                return False
+            by_name = dict(zip(g.names, g.values, strict=True))
+            return _same_sequence(tuple(by_name[n] for n in r.names), r.values, symbolic)
+        if isinstance(g, Seq | Bag):
+            return _same_sequence(g.items, r.values, symbolic)
+        return False
+    if isinstance(g, Matrix):
+        return len(g.rows) == len(r.rows) and all(
+            _same_sequence(a, b, symbolic) for a, b in zip(g.rows, r.rows, strict=True)
+        )
+    if isinstance(g, Seq) and all(len(row) == 1 for row in r.rows):
+        return _same_sequence(g.items, tuple(row[0] for row in r.rows), symbolic)
+    return False
+
+
+def _same_sequence(g: tuple[Node, ...], r: tuple[Node, ...], symbolic: bool) -> bool:
+    if len(g) != len(r):
+        return False
+    undecided = False
+    for a, b in zip(g, r, strict=True):
+        try:
+            if not _nodes_equal(a, b, symbolic):
+                return False
+        except NeedsSymbolic:
+            undecided = True
+    if undecided:
+        raise NeedsSymbolic
+    return True
+
+
+def _same_multiset(g: tuple[Node, ...], r: tuple[Node, ...], symbolic: bool) -> bool:
+    """A perfect matching between ``g`` and ``r`` under equality (Kuhn's augmenting
+    paths: O(n^3) comparisons at most, whatever the input)."""
+    if len(g) != len(r):
+        return False
+    if len(g) > 50:
+        return sorted(map(repr, g)) == sorted(map(repr, r))
+    undecided = False
+    equal: dict[tuple[int, int], bool] = {}
+
+    def eq(i: int, j: int) -> bool:
+        nonlocal undecided
+        if (i, j) not in equal:
+            try:
+                equal[i, j] = _nodes_equal(g[i], r[j], symbolic)
+            except NeedsSymbolic:
+                undecided = True
+                equal[i, j] = False
+        return equal[i, j]
+
+    owner: dict[int, int] = {}  # r index -> g index
+
+    def augment(i: int, seen: set[int]) -> bool:
+        for j in range(len(r)):
+            if j not in seen and eq(i, j):
+                seen.add(j)
+                if j not in owner or augment(owner[j], seen):
+                    owner[j] = i
+                    return True
+        return False
+
+    if all(augment(i, set()) for i in range(len(g))):
+        return True
+    if undecided:
+        raise NeedsSymbolic
+    return False
+
+
+_BASE = re.compile(r"([0-9A-Za-z]+)_\{?(\d+)\}?")
+
+
+def atoms_equal(g: str, r: str, symbolic: bool) -> bool:
+    """Equality of two single expressions (either may be ``name = value`` or an equation)."""
+    if g == r:
+        return True
+    g_sides, r_sides = split_top(g, "="), split_top(r, "=")
+    if len(r_sides) == 2 and not NAME.fullmatch(r_sides[0].strip()):
+        if len(g_sides) != 2:
+            return False
+        if not symbolic:
+            raise NeedsSymbolic
+        from mathrl.grading.symbolic import equations_equal
+
+        return equations_equal((g_sides[0], g_sides[1]), (r_sides[0], r_sides[1]))
+    if len(r_sides) == 2:
+        if len(g_sides) >= 2 and NAME.fullmatch(g_sides[0].strip()) and g_sides[0].strip() != r_sides[0].strip():
+            return False
+        r = r_sides[1].strip()
+    if len(g_sides) >= 2:
+        if not (NAME.fullmatch(g_sides[0].strip()) or len(g_sides) > 2):
+            return False
+        g = g_sides[-1].strip()
+    if g == r:
+        return True
+
+    g_math, g_words = split_words(g)
+    r_math, r_words = split_words(r)
+    if not g_math or not r_math:
+        if (g_math and not _words_only(g_math)) or (r_math and not _words_only(r_math)):
+            return False  # a mathematical answer against a text answer
+        g_words, r_words = g_words + _words_only(g_math), r_words + _words_only(r_math)
+        return bool(g_words) and g_words == r_words
+    if g_words and r_words and g_words != r_words:
+        return False
+    g, r = g_math, r_math
+    if g == r:
+        return True
+
+    base_g, base_r = _BASE.fullmatch(g), _BASE.fullmatch(r)
+    if (base_g or base_r) and any(b and re.search(r"\d", b.group(1)) for b in (base_g, base_r)):
+        digits_g = (base_g.group(1) if base_g else g).lower().lstrip("0")
+        digits_r = (base_r.group(1) if base_r else r).lower().lstrip("0")
+        same_base = not (base_g and base_r) or base_g.group(2) == base_r.group(2)
+        return same_base and digits_g == digits_r
+
+    num_g, num_r = numbers.parse_number(g), numbers.parse_number(r)
+    if num_g is not None and num_r is not None:
+        return numbers.numbers_match(num_g, num_r)
+    if not symbolic:
+        raise NeedsSymbolic
+    from mathrl.grading.symbolic import expressions_equal
+
+    return expressions_equal(g, r, num_r.unit if num_r else None)
+
+
+def _words_only(s: str) -> tuple[str, ...]:
+    """The words of ``s`` when it is nothing but words, else ``()``."""
+    if s and re.fullmatch(r"[A-Za-z.'\- ]+", s):
+        return split_words(f"\\text{{{s}}}")[1]
+    return ()
