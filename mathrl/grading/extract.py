@@ -17,7 +17,7 @@ STYLES = ("boxed", "gsm8k", "last_number")
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\b")
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
-_HASHES = re.compile(r"####\s*\$?\s*(?:\\\$\s*)?(" + _NUMBER + r")")
+_HASHES = re.compile(r"####[ \t]*([^\n]*\S)")  # the rest of the line: "#### 18 or 19" is hedged
 _ANSWER_IS = re.compile(
     r"answer\s*(?:is|:)\s*:?\s*(?:\$|\\\(|\\\[)?\s*(?:\\\$\s*|\$\s*)?(" + _NUMBER + r")",
     re.IGNORECASE,
@@ -35,7 +35,7 @@ def extract_answer(response: str, style: str = "boxed") -> str | None:
         found = _find(after, style)
         if found is not None:
             return found[1]
-    found = _find(response, style)
+    found = _find(response.replace(_THINK_END, "\n"), style)
     return found[1] if found is not None else None
 
 

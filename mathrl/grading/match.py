@@ -38,6 +38,8 @@ def match(given: str | None, reference: str, symbolic: bool = True) -> bool:
     choice_r = _choice(r)
     if choice_r is not None:
         return _choice(g, leading=True) == choice_r
+    if _TEXT_CMD.search(g + r) and _plain(g) == _plain(r):
+        return True
     undecided = False
     for node_r in parse(r):
         for node_g in parse(g):
@@ -51,18 +53,23 @@ def match(given: str | None, reference: str, symbolic: bool = True) -> bool:
     return False
 
 
-_CHOICE = re.compile(r"\(?([A-E])\)?")
+_CHOICE = re.compile(r"\(?([A-E])\)?(?:(?:,|and)\(?([A-E])\)?)*")
 _TEXT_CMD = re.compile(r"\\(?:text|mbox|textbf|mathrm|mathbf)\s*\{")
 
 
-def _choice(s: str, leading: bool = False) -> str | None:
-    """The letter of a multiple-choice answer: ``C``, ``(C)``, ``\\text{(C)}``; with
-    ``leading``, also ``(C) 12``."""
+def _choice(s: str, leading: bool = False) -> frozenset[str] | None:
+    """The letters of a multiple-choice answer: ``C``, ``(C)``, ``\\text{(C)}``, ``A, D``
+    (any order); with ``leading``, also ``(C) 12``."""
     t = unwrap(s, _TEXT_CMD).replace(" ", "")
-    m = _CHOICE.fullmatch(t)
-    if m is None and leading:
-        m = re.match(r"\(([A-E])\)", t)
-    return m.group(1) if m else None
+    if _CHOICE.fullmatch(t):
+        return frozenset(re.findall(r"[A-E]", t))
+    m = re.match(r"\(([A-E])\)", t) if leading else None
+    return frozenset(m.group(1)) if m else None
+
+
+def _plain(s: str) -> str:
+    """Text answers compared loosely: no text commands, case or spaces."""
+    return re.sub(r"\s+", "", unwrap(s, _TEXT_CMD)).lower().rstrip(".")
 
 
 def _nodes_equal(g: Node, r: Node, symbolic: bool) -> bool:

@@ -27,6 +27,7 @@ _REPLACE = [
     ("\\tbinom", "\\binom"),
     ("\\infinity", "\\infty"),
     ("\\varnothing", "\\emptyset"),
+    ("\\mathbb{R}", "(-\\infty,\\infty)"),
     ("\\leq", "\\le"),
     ("\\geq", "\\ge"),
     ("\\leqslant", "\\le"),
@@ -51,14 +52,15 @@ _REPLACE = [
     ("°", "^\\circ"),
     ("\\degree", "^\\circ"),
 ]
-_SPACING = re.compile(r"\\[,;:! ]|\\q?quad\b|~")
+_SPACING = re.compile(r"(?<!\\)\\[,;:! ]|\\q?quad\b|~")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\^\s*\{\s*\\text\{\s*o\s*\}\s*\}")
+_TRIG = re.compile(r"\\(?:sin|cos|tan|sec|csc|cot)\b")
+_TRIG_DEGREES = re.compile(r"(\d+(?:\.\d+)?)\s*(?:\^\s*\{?\s*\\circ\s*\}?|°)")
 _PERCENT = re.compile(r"\\?%")
 _DOLLAR = re.compile(r"\\\$|\$")
-_FONT = re.compile(r"\\(?:mathbf|boldsymbol|bm|mathit|mathsf|mathrm|mathnormal|textbf|textit|textrm|texttt|emph)\s*\{")
-_TEXT = re.compile(r"\\(?:text|mbox|textnormal|hbox|operatorname)\s*\{")
-_FRAC_SHORT = re.compile(r"\\frac\s*(\d)\s*(\d)|\\frac\s*(\d)\s*(?=\{)|\\frac\s*(\{[^{}]*\})\s*(\d)")
-_SQRT_SHORT = re.compile(r"\\sqrt\s*(\d|[a-zA-Z](?![a-zA-Z]))")
+_FONT = re.compile(r"\\(?:mathbf|boldsymbol|bm|mathit|mathsf|mathnormal|textbf|textit|textrm|texttt|emph)\s*\{")
+_TEXT = re.compile(r"\\(?:text|mbox|textnormal|hbox|mathrm)\s*\{")
+_UNIT_POWER = re.compile(r"\^\{?(\d)\}?")
 _THOUSANDS_BRACE = re.compile(r"(\d)\{,\}(?=\d{3})")
 _SPACES = re.compile(r"\s+")
 _OPERATOR_SPACES = re.compile(r"\s*([=+\-*/^_,()\[\]{}<>|&])\s*")
@@ -73,12 +75,16 @@ def normalize(answer: str) -> str:
     s = s.replace("\\left.", "").replace("\\right.", "")
     s = _THOUSANDS_BRACE.sub(r"\1", s)
     s = _SPACING.sub(" ", s)
+    if _TRIG.search(s):  # sin 30^\circ: degrees inside a function are radians * pi/180
+        s = _TRIG_DEGREES.sub(r"(\1\\pi/180)", s)
     s = _DEGREES.sub("", s)
     s = _PERCENT.sub("", s)
     s = _DOLLAR.sub("", s)
     s = unwrap(s, _FONT)
-    s = _FRAC_SHORT.sub(_fix_frac, s)
-    s = _SQRT_SHORT.sub(r"\\sqrt{\1}", s)
+    try:
+        s = brace_arguments(s)
+    except RecursionError:  # absurdly deep nesting: leave it as written
+        pass
     s = _SPACES.sub(" ", s).strip()
     s = _OPERATOR_SPACES.sub(r"\1", s)
     while s.endswith("."):
@@ -93,12 +99,46 @@ def _strip_delimiters(s: str) -> str:
     return s
 
 
-def _fix_frac(m: re.Match[str]) -> str:
-    if m.group(1) is not None:
-        return f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}"
-    if m.group(3) is not None:
-        return f"\\frac{{{m.group(3)}}}"
-    return f"\\frac{m.group(4)}{{{m.group(5)}}}"
+_ARGUMENTS = {"\\frac": 2, "\\binom": 2, "\\sqrt": 1}
+_COMMAND = re.compile(r"\\(frac|binom|sqrt)(?![A-Za-z])")
+
+
+def brace_arguments(s: str) -> str:
+    """``\\frac34`` -> ``\\frac{3}{4}``, ``\\frac\\pi2`` -> ``\\frac{\\pi}{2}``, ``\\sqrt3`` ->
+    ``\\sqrt{3}``: LaTeX takes one token as an argument when there are no braces."""
+    out: list[str] = []
+    i = 0
+    while (m := _COMMAND.search(s, i)) is not None:
+        out.append(s[i : m.end()])
+        j = m.end()
+        for _ in range(_ARGUMENTS[m.group(0)]):
+            while j < len(s) and s[j] == " ":
+                j += 1
+            if j < len(s) and s[j] == "[" and m.group(1) == "sqrt":
+                close = s.find("]", j)
+                if close < 0:
+                    break
+                out.append(s[j : close + 1])
+                j = close + 1
+            if j >= len(s):
+                break
+            if s[j] == "{":
+                end = matching_brace(s, j)
+                if end is None:
+                    break
+                out.append("{" + brace_arguments(s[j + 1 : end]) + "}")
+                j = end + 1
+            elif s[j] == "\\":
+                cmd = re.match(r"\\[A-Za-z]+|\\.", s[j:])
+                token = cmd.group(0) if cmd else s[j]
+                out.append("{" + token + "}")
+                j += len(token)
+            else:
+                out.append("{" + s[j] + "}")
+                j += 1
+        i = j
+    out.append(s[i:])
+    return "".join(out)
 
 
 def unwrap(s: str, command: re.Pattern[str]) -> str:
@@ -153,17 +193,21 @@ def split_words(s: str) -> tuple[str, tuple[str, ...]]:
             out.append(s[i:])
             break
         out.append(s[i : m.start()] + " ")
-        words.extend(_WORD.findall(s[m.end() : end]))
-        rest = _SPACES.sub("", s[m.end() : end])
-        leftover = _WORD.sub("", rest)
+        found = _WORD.findall(s[m.end() : end])
+        leftover = _WORD.sub("", _SPACES.sub("", s[m.end() : end]))
         if leftover:
             out.append(leftover + " ")
         i = end + 1
+        power = _UNIT_POWER.match(s, i)
+        if power and found:  # \text{cm}^2
+            found[-1] += power.group(1)
+            i = power.end()
+        words.extend(found)
     math = "".join(out)
-    tail = re.fullmatch(r"(.*?\d)\s*((?:[A-Za-z][A-Za-z.'\-]+\s*)+)", math.strip())
+    tail = re.fullmatch(r"(.*?\d)\s*((?:[A-Za-z][A-Za-z.'\-]+(?:\^\{?\d\}?)?\s*)+)", math.strip())
     if tail and not re.search(r"\\[A-Za-z]*$", tail.group(1)):
         math = tail.group(1)
-        words.extend(_WORD.findall(tail.group(2)))
+        words.extend(w + p for w, p in re.findall(r"([A-Za-z][A-Za-z.'\-]*)(?:\^\{?(\d)\}?)?", tail.group(2)))
     clean = tuple(w for w in (_canon_word(w) for w in words) if w)
     return _SPACES.sub(" ", math).strip(), clean
 

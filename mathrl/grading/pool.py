@@ -166,8 +166,11 @@ def _serve() -> None:
     import resource
 
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
-    sys.setrecursionlimit(20_000)
+    sys.setrecursionlimit(50_000)
+    from mathrl.grading import numbers
     from mathrl.grading.match import match
+
+    numbers.MAX_DEPTH = 5_000  # deeply nested but honest numbers (1/(1/(...))) are evaluated here
     from mathrl.grading.symbolic import to_sympy
 
     to_sympy("x+1")  # load the parser before saying ready

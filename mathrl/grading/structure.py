@@ -56,6 +56,7 @@ Node = Atom | Bag | Seq | Named | Matrix
 
 NAME = re.compile(r"[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?'*|\\[a-zA-Z]+(?:_\{?[A-Za-z0-9]+\}?)?|[A-Za-z]\([A-Za-z]\)")
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_SPACED_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?: \d{3})+(?:\.\d+)?")
 _MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}", re.DOTALL)
 _CONJUNCTION = re.compile(r"\s*(?:\\text\{\s*(?:and|or)\s*\}|\b(?:and|or)\b)\s*")
 _OPENERS = {"(": ")", "[": "]", "\\{": "\\}"}
@@ -65,7 +66,7 @@ def parse(text: str) -> list[Node]:
     """The readings of a normalized answer, most likely first. Usually one; a string
     like ``1,080`` is read both as one thousands-separated number and as a list."""
     readings: list[Node] = []
-    if _THOUSANDS.fullmatch(text.replace(" ", "")):
+    if _THOUSANDS.fullmatch(text.replace(", ", ",")) or _SPACED_THOUSANDS.fullmatch(text):
         readings.append(Atom(text.replace(",", "").replace(" ", "")))
     readings.append(_parse(text, 0))
     return readings
@@ -91,7 +92,7 @@ def _parse(text: str, depth: int) -> Node:
         open_, inner, close = bracketed
         items = split_top(inner, ",")
         if open_ == "\\{":
-            return Bag(tuple(_parse(p, depth + 1) for p in items if p.strip()))
+            return Bag(tuple(_parse(x, depth + 1) for p in items if p.strip() for x in _expand_pm(p)))
         if len(items) > 1:
             return Seq(open_, close, tuple(_parse(p, depth + 1) for p in items))
     parts = [p for p in split_top(s, ",") if p.strip()] or [s]
@@ -107,9 +108,9 @@ def _parse(text: str, depth: int) -> Node:
         first = assignments[0]
         if first is not None and all(a is None for a in assignments[1:]):
             parts = [first[1], *parts[1:]]
-        return Bag(tuple(_parse(p, depth + 1) for p in parts))
-    if "\\pm" in s and s.count("\\pm") == 1:
-        return Bag((Atom(s.replace("\\pm", "+")), Atom(s.replace("\\pm", "-"))))
+        return Bag(tuple(_parse(x, depth + 1) for p in parts for x in _expand_pm(p)))
+    if len(_expand_pm(s)) == 2:
+        return Bag(tuple(Atom(x) for x in _expand_pm(s)))
     if (
         bracketed is not None
         and bracketed[0] == "("
@@ -119,6 +120,13 @@ def _parse(text: str, depth: int) -> Node:
     ):
         return Atom(bracketed[1].strip())
     return Atom(s)
+
+
+def _expand_pm(s: str) -> list[str]:
+    """``1\\pm\\sqrt5`` -> [``1+\\sqrt5``, ``1-\\sqrt5``] (one ``\\pm`` only)."""
+    if s.count("\\pm") == 1:
+        return [s.replace("\\pm", "+"), s.replace("\\pm", "-")]
+    return [s]
 
 
 def _strip_name_prefix(s: str) -> str:

@@ -48,9 +48,22 @@ def is_giant(expr: Any) -> bool:
                 return True
             if exponent.is_Number and abs(exponent) > _BIG_EXPONENT and base.is_number:
                 return True
-        elif isinstance(node, sympy.factorial) and node.args[0].is_Number and node.args[0] > 1000:
-            return True
+        elif isinstance(node, sympy.factorial | sympy.factorial2 | sympy.gamma):
+            arg = node.args[0]
+            if arg.is_number and (arg.has(sympy.Pow, sympy.factorial) or (arg.is_Number and abs(arg) > 1000)):
+                return True
     return False
+
+
+def evaluate(expr: Any) -> Any:
+    """Rebuild ``expr`` bottom-up with evaluation on: the parser leaves sums and products
+    unevaluated (``3+2x`` and ``2x+3`` would differ). Call only after :func:`is_giant`."""
+    if not isinstance(expr, sympy.Basic) or not expr.args or isinstance(expr, sympy.MatrixBase):
+        return expr
+    try:
+        return expr.func(*[evaluate(arg) for arg in expr.args])
+    except Exception:
+        return expr
 
 
 def expressions_equal(given: str, reference: str, reference_unit: Fraction | None = None) -> bool:
@@ -64,7 +77,7 @@ def expressions_equal(given: str, reference: str, reference_unit: Fraction | Non
     if is_giant(a) or is_giant(b):
         return sympy.srepr(a) == sympy.srepr(b)
     try:
-        return _equal(a, b, reference_unit)
+        return _equal(evaluate(a), evaluate(b), reference_unit)
     except Exception:
         return False
 
@@ -75,6 +88,7 @@ def equations_equal(given: tuple[str, str], reference: tuple[str, str]) -> bool:
     sides = [to_sympy(x) for x in (*given, *reference)]
     if any(s is None or isinstance(s, sympy.Eq) or is_giant(s) for s in sides):
         return False
+    sides = [evaluate(x) for x in sides]
     try:
         d1 = sympy.expand(sides[0] - sides[1])
         d2 = sympy.expand(sides[2] - sides[3])
