@@ -8,6 +8,7 @@ matcher can tell "9 a.m." from "9 p.m.".
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 _REPLACE = [
@@ -81,10 +82,8 @@ def normalize(answer: str) -> str:
     s = _PERCENT.sub("", s)
     s = _DOLLAR.sub("", s)
     s = unwrap(s, _FONT)
-    try:
+    with contextlib.suppress(RecursionError):  # absurdly deep nesting: left as written
         s = brace_arguments(s)
-    except RecursionError:  # absurdly deep nesting: leave it as written
-        pass
     s = _SPACES.sub(" ", s).strip()
     s = _OPERATOR_SPACES.sub(r"\1", s)
     while s.endswith("."):
