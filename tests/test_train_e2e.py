@@ -46,6 +46,7 @@ def test_two_grpo_steps_on_the_embedded_model(tmp_path):
                 "env/all/by_group/frac_mixed", "time/sample", "time/train", "progress/batch"):  # fmt: skip
         assert key in rows[0] and key in rows[1], key
     assert "test/env/all/correct" in rows[0] and "test/env/all/correct" in rows[2]  # step 0 and after the end
+    assert rows[0]["env/all/grader_timeouts"] == 0  # rewards came through mathrl.grading
     updated = [r for r in rows[:2] if r["optim/num_sequences"] > 0]
     assert updated, "no step had a mixed group: the test would not exercise an update"
     for r in updated:

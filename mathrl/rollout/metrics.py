@@ -20,7 +20,8 @@ def _succeeded(traj: Trajectory) -> bool:
 
 
 def group_metrics(groups: Sequence[TrajectoryGroup], prefix: str = "") -> dict[str, float]:
-    """env/all/... metrics: reward, correct, format, tokens, truncation and group outcome fractions."""
+    """env/all/... metrics: reward, correct, format, tokens, truncation, grader timeouts and group
+    outcome fractions."""
     trajs = [t for g in groups for t in g.trajectories_G]
     transitions = [tr for t in trajs for tr in t.transitions]
     if not trajs:
@@ -35,6 +36,9 @@ def group_metrics(groups: Sequence[TrajectoryGroup], prefix: str = "") -> dict[s
         values = [v for t in trajs if (v := _final_metric(t, key)) is not None]
         if values:
             out[f"env/all/{key}"] = fmean(values)
+    timeouts = [tr.metrics["grader_timeout"] for tr in transitions if "grader_timeout" in tr.metrics]
+    if timeouts:  # comparisons that ran out of time (graded wrong): should stay 0
+        out["env/all/grader_timeouts"] = sum(timeouts)
     outcomes = {"mixed": 0, "all_good": 0, "all_bad": 0}
     for g in groups:
         good = [_succeeded(t) for t in g.trajectories_G]
