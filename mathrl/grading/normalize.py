@@ -29,10 +29,10 @@ _REPLACE = [
     ("\\infinity", "\\infty"),
     ("\\varnothing", "\\emptyset"),
     ("\\mathbb{R}", "(-\\infty,\\infty)"),
-    ("\\leq", "\\le"),
-    ("\\geq", "\\ge"),
     ("\\leqslant", "\\le"),
     ("\\geqslant", "\\ge"),
+    ("\\leq", "\\le"),
+    ("\\geq", "\\ge"),
     ("\\neq", "\\ne"),
     ("\\lbrace", "\\{"),
     ("\\rbrace", "\\}"),
@@ -194,7 +194,7 @@ def split_words(s: str) -> tuple[str, tuple[str, ...]]:
         out.append(s[i : m.start()] + " ")
         found = _WORD.findall(s[m.end() : end])
         leftover = _WORD.sub("", _SPACES.sub("", s[m.end() : end]))
-        if leftover:
+        if re.search(r"\d", leftover):  # \text{9 a.m.} keeps its 9; \text{m/s} is all unit
             out.append(leftover + " ")
         i = end + 1
         power = _UNIT_POWER.match(s, i)

@@ -81,6 +81,9 @@ def _parse(text: str, depth: int) -> Node:
         rows = [r for r in re.split(r"\\\\", m.group(2)) if r.strip()]
         return Matrix(tuple(tuple(_parse(c, depth + 1) for c in row.split("&")) for row in rows))
     s = _strip_name_prefix(s)
+    interval = _inequality(s)
+    if interval is not None:
+        return interval
     parts = split_top(s, "\\cup")
     if len(parts) > 1:
         return Bag(tuple(_parse(p, depth + 1) for p in parts))
@@ -120,6 +123,30 @@ def _parse(text: str, depth: int) -> Node:
     ):
         return Atom(bracketed[1].strip())
     return Atom(s)
+
+
+_LESS = r"(<|\\le(?![a-z]))"
+_GREATER = r"(>|\\ge(?![a-z]))"
+_VAR = r"[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?"
+_ONE_SIDED = re.compile(rf"{_VAR}\s*(?:{_LESS}|{_GREATER})\s*([^<>=]+)")
+_TWO_SIDED = re.compile(rf"([^<>=]+?)\s*{_LESS}\s*{_VAR}\s*{_LESS}\s*([^<>=]+)")
+
+
+def _inequality(s: str) -> Seq | None:
+    """``x \\le 3`` -> ``(-\\infty, 3]``, ``-1 < x \\le 2`` -> ``(-1, 2]``: the interval it describes."""
+    m = _TWO_SIDED.fullmatch(s)
+    if m:
+        low, low_op, high_op, high = m.groups()
+        return Seq(
+            "[" if low_op != "<" else "(", "]" if high_op != "<" else ")", (Atom(low.strip()), Atom(high.strip()))
+        )
+    m = _ONE_SIDED.fullmatch(s)
+    if m:
+        less, greater, bound = m.groups()
+        if less:
+            return Seq("(", ")" if less == "<" else "]", (Atom("-\\infty"), Atom(bound.strip())))
+        return Seq("(" if greater == ">" else "[", ")", (Atom(bound.strip()), Atom("\\infty")))
+    return None
 
 
 def _expand_pm(s: str) -> list[str]:
