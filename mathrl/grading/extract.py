@@ -19,7 +19,7 @@ _BOX = re.compile(r"\\(?:boxed|fbox)\b")
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
 _HASHES = re.compile(r"####[ \t]*([^\n]*\S)")  # the rest of the line: "#### 18 or 19" is hedged
 _ANSWER_IS = re.compile(
-    r"answer\s*(?:is|:)\s*:?\s*(?:\$|\\\(|\\\[)?\s*(?:\\\$\s*|\$\s*)?(" + _NUMBER + r")",
+    r"answer\**\s*(?:is\b|:)[\s*:]*(?:\$|\\\(|\\\[)?\s*(?:\\\$\s*|\$\s*)?(" + _NUMBER + r")",
     re.IGNORECASE,
 )
 _LAST_NUMBER = re.compile(_NUMBER)

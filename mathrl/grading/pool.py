@@ -3,7 +3,7 @@
 Why processes: sympy can run for minutes (or allocate without end) on an exponent
 tower or a huge expansion, and neither ``signal.alarm`` (main thread only) nor a thread
 (cannot be stopped) bounds that. Each worker is a plain ``python -m
-mathrl.grading.pool`` subprocess (no fork of a process that holds torch threads, no
+mathrl.grading.worker`` subprocess (no fork of a process that holds torch threads, no
 re-import of the user's ``__main__``), talking length-prefixed pickles over its pipes.
 A comparison that passes its deadline gets its worker killed (SIGKILL) and replaced; the
 comparison counts as a timeout (not equal). Workers cap their own memory.
@@ -24,16 +24,15 @@ from collections import deque
 from collections.abc import Sequence
 
 _HEADER = struct.Struct("<I")
-MEMORY_LIMIT_BYTES = 3 << 30
 
 
-def _write(stream, obj: object) -> None:  # type: ignore[no-untyped-def]
+def write_message(stream, obj: object) -> None:  # type: ignore[no-untyped-def]
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     stream.write(_HEADER.pack(len(data)) + data)
     stream.flush()
 
 
-def _read(stream) -> object:  # type: ignore[no-untyped-def]
+def read_message(stream) -> object:  # type: ignore[no-untyped-def]
     header = stream.read(_HEADER.size)
     if len(header) < _HEADER.size:
         raise EOFError
@@ -47,7 +46,7 @@ def _read(stream) -> object:  # type: ignore[no-untyped-def]
 class _Worker:
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mathrl.grading.pool"],
+            [sys.executable, "-m", "mathrl.grading.worker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -62,13 +61,13 @@ class _Worker:
 
     def send(self, task: int, payload: tuple[str, str], timeout: float) -> None:
         assert self.proc.stdin is not None
-        _write(self.proc.stdin, payload)
+        write_message(self.proc.stdin, payload)
         self.task = task
         self.deadline = time.monotonic() + timeout
 
     def receive(self) -> object:
         assert self.proc.stdout is not None
-        return _read(self.proc.stdout)
+        return read_message(self.proc.stdout)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -120,7 +119,7 @@ class GradingPool:
                     except (EOFError, OSError):
                         if not w.ready:
                             raise RuntimeError(
-                                "a grading worker died while starting; run `python -m mathrl.grading.pool` to see why"
+                                "a grading worker died while starting; run `python -m mathrl.grading.worker` to see why"
                             ) from None
                         if w.task is not None:
                             busy -= 1
@@ -159,35 +158,3 @@ def shared_pool() -> GradingPool:
         _POOL = GradingPool()
         atexit.register(_POOL.close)
     return _POOL
-
-
-def _serve() -> None:
-    """Worker main loop: read (given, reference), answer the symbolic verdict."""
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
-    sys.setrecursionlimit(50_000)
-    from mathrl.grading import numbers
-    from mathrl.grading.match import match
-
-    numbers.MAX_DEPTH = 5_000  # deeply nested but honest numbers (1/(1/(...))) are evaluated here
-    from mathrl.grading.symbolic import to_sympy
-
-    to_sympy("x+1")  # load the parser before saying ready
-    out, inp = sys.stdout.buffer, sys.stdin.buffer
-    _write(out, "ready")
-    while True:
-        try:
-            pair = _read(inp)
-        except EOFError:
-            return
-        try:
-            assert isinstance(pair, tuple)
-            verdict = match(str(pair[0]), str(pair[1]), symbolic=True)
-        except Exception:  # a parser or sympy failure on junk input is "not equal"
-            verdict = False
-        _write(out, verdict)
-
-
-if __name__ == "__main__":
-    _serve()
