@@ -97,6 +97,13 @@ def _nodes_equal(g: Node, r: Node, symbolic: bool) -> bool:
         if isinstance(g, Seq | Bag):
             return _same_sequence(g.items, r.values, symbolic)
         return False
+    if isinstance(g, Atom) and "\\begin{" in g.text:  # a scalar times a matrix, say
+        if not symbolic:
+            raise NeedsSymbolic
+        from mathrl.grading.symbolic import matrix_cells
+
+        cells = matrix_cells(g.text)
+        g = Matrix(tuple(tuple(Atom(c) for c in row) for row in cells)) if cells else g
     if isinstance(g, Matrix):
         return len(g.rows) == len(r.rows) and all(
             _same_sequence(a, b, symbolic) for a, b in zip(g.rows, r.rows, strict=True)

@@ -82,6 +82,19 @@ def expressions_equal(given: str, reference: str, reference_unit: Fraction | Non
         return False
 
 
+def matrix_cells(latex: str) -> list[list[str]] | None:
+    """The entries (as LaTeX) of a matrix written as an expression, e.g. a scalar times a
+    ``pmatrix``; None when ``latex`` is not a matrix."""
+    expr = to_sympy(latex)
+    if expr is None or is_giant(expr):
+        return None
+    try:
+        matrix = sympy.Matrix(evaluate(expr).doit())
+    except Exception:
+        return None
+    return [[sympy.latex(matrix[i, j]) for j in range(matrix.cols)] for i in range(matrix.rows)]
+
+
 def equations_equal(given: tuple[str, str], reference: tuple[str, str]) -> bool:
     """``l1 = r1`` and ``l2 = r2`` describe the same relation: ``l1 - r1`` is a nonzero
     constant multiple of ``l2 - r2``."""
