@@ -53,7 +53,7 @@ def match(given: str | None, reference: str, symbolic: bool = True) -> bool:
     return False
 
 
-_CHOICE = re.compile(r"\(?([A-E])\)?(?:(?:,|and)\(?([A-E])\)?)*")
+_CHOICE = re.compile(r"\(?([A-Z])\)?(?:(?:,|and)\(?([A-Z])\)?)*")
 _TEXT_CMD = re.compile(r"\\(?:text|mbox|textbf|mathrm|mathbf)\s*\{")
 
 
@@ -62,8 +62,8 @@ def _choice(s: str, leading: bool = False) -> frozenset[str] | None:
     (any order); with ``leading``, also ``(C) 12``."""
     t = unwrap(s, _TEXT_CMD).replace(" ", "")
     if _CHOICE.fullmatch(t):
-        return frozenset(re.findall(r"[A-E]", t))
-    m = re.match(r"\(([A-E])\)", t) if leading else None
+        return frozenset(re.findall(r"[A-Z]", t))
+    m = re.match(r"\(([A-Z])\)", t) if leading else None
     return frozenset(m.group(1)) if m else None
 
 
@@ -174,20 +174,21 @@ def atoms_equal(g: str, r: str, symbolic: bool) -> bool:
     if g == r:
         return True
     g_sides, r_sides = split_top(g, "="), split_top(r, "=")
-    if len(r_sides) == 2 and not NAME.fullmatch(r_sides[0].strip()):
-        if len(g_sides) != 2:
-            return False
-        if not symbolic:
-            raise NeedsSymbolic
-        from mathrl.grading.symbolic import equations_equal
-
-        return equations_equal((g_sides[0], g_sides[1]), (r_sides[0], r_sides[1]))
+    if len(r_sides) > 1 and all(numbers.parse_number(side) for side in r_sides):
+        # "0.56 = 56\%": a reference that states one value several ways accepts each of them
+        return any(atoms_equal(g, side.strip(), symbolic) for side in r_sides)
+    g_named = len(g_sides) >= 2 and bool(NAME.fullmatch(g_sides[0].strip()))
+    r_named = len(r_sides) == 2 and bool(NAME.fullmatch(r_sides[0].strip()))
+    if len(g_sides) == 2 and len(r_sides) == 2 and not (g_named and r_named):
+        return _equations_equal(g_sides, r_sides, symbolic)  # a relation, possibly rearranged
     if len(r_sides) == 2:
-        if len(g_sides) >= 2 and NAME.fullmatch(g_sides[0].strip()) and g_sides[0].strip() != r_sides[0].strip():
+        if not r_named:
+            return False
+        if g_named and g_sides[0].strip() != r_sides[0].strip():
             return False
         r = r_sides[1].strip()
     if len(g_sides) >= 2:
-        if not (NAME.fullmatch(g_sides[0].strip()) or len(g_sides) > 2):
+        if not (g_named or len(g_sides) > 2):
             return False
         g = g_sides[-1].strip()
     if g == r:
@@ -221,6 +222,14 @@ def atoms_equal(g: str, r: str, symbolic: bool) -> bool:
     from mathrl.grading.symbolic import expressions_equal
 
     return expressions_equal(g, r, num_r.unit if num_r else None)
+
+
+def _equations_equal(g_sides: list[str], r_sides: list[str], symbolic: bool) -> bool:
+    if not symbolic:
+        raise NeedsSymbolic
+    from mathrl.grading.symbolic import equations_equal
+
+    return equations_equal((g_sides[0], g_sides[1]), (r_sides[0], r_sides[1]))
 
 
 def _words_only(s: str) -> tuple[str, ...]:

@@ -65,6 +65,7 @@ _TEXT = re.compile(r"\\(?:text|mbox|textnormal|hbox|mathrm)\s*\{")
 _UNIT_POWER = re.compile(r"\^\{?(\d)\}?")
 _THOUSANDS_BRACE = re.compile(r"(\d)\{,\}(?=\d{3})")
 _SPACES = re.compile(r"\s+")
+_APPROX = re.compile(r"\\approx|\\simeq|≈")
 _OPERATOR_SPACES = re.compile(r"\s*([=+\-*/^_,()\[\]{}<>|&])\s*")
 
 
@@ -74,7 +75,8 @@ def normalize(answer: str) -> str:
     s = _strip_delimiters(s)
     for old, new in _REPLACE:
         s = s.replace(old, new)
-    s = s.replace("\\left.", "").replace("\\right.", "")
+    s = s.replace("\\left.", "").replace("\\right.", "").replace("{:}", ":")
+    s = _APPROX.sub("=", s).lstrip("=").lstrip()
     s = _THOUSANDS_BRACE.sub(r"\1", s)
     s = _SPACING.sub(" ", s)
     if _TRIG.search(s):  # sin 30^\circ: degrees inside a function are radians * pi/180
