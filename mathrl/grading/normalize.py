@@ -90,9 +90,38 @@ def normalize(answer: str) -> str:
         s = brace_arguments(s)
     s = _SPACES.sub(" ", s).strip()
     s = _OPERATOR_SPACES.sub(r"\1", s)
+    s = collapse_groups(s)
     while s.endswith("."):
         s = s[:-2].rstrip() if s.endswith("\\.") else s[:-1].rstrip()
     return s
+
+
+_CLOSER = {"(": ")", "{": "}", "[": "]"}
+
+
+def collapse_groups(s: str) -> str:
+    """``((x))`` -> ``(x)``, ``{{5}}`` -> ``{5}``: a bracket pair directly inside a pair of the
+    same kind adds nothing (and deep redundant nesting makes the LaTeX parser exponential).
+    Unbalanced input is returned unchanged."""
+    stack: list[int] = []
+    pairs: dict[int, int] = {}
+    i = 0
+    while i < len(s):
+        ch = s[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch in _CLOSER:
+            stack.append(i)
+        elif ch in ")}]":
+            if not stack or _CLOSER[s[stack[-1]]] != ch:
+                return s
+            pairs[stack.pop()] = i
+        i += 1
+    if stack:
+        return s
+    drop = {k for i, j in pairs.items() if pairs.get(i + 1) == j - 1 and s[i + 1] == s[i] for k in (i + 1, j - 1)}
+    return "".join(ch for k, ch in enumerate(s) if k not in drop) if drop else s
 
 
 def _strip_delimiters(s: str) -> str:

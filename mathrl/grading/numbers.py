@@ -3,7 +3,7 @@
 Most answers are numbers: ``42``, ``-0.75``, ``\\frac{3}{4}``, ``6\\frac{3}{4}``, ``6 3/4``,
 ``0.\\overline{3}``, ``4.5e33``, ``4\\times10^{33}``, ``2^{10}-1``, a nested fraction.
 :func:`parse_number` evaluates them exactly as :class:`fractions.Fraction` with a small
-recursive-descent parser over ``+ - * / ^``, ``\\frac``, ``\\cdot``, ``\\times``, ``\\div`` and
+recursive-descent parser over ``+ - * / ^``, ``\\frac``, rational ``\\sqrt``, ``\\cdot``, ``\\times``, ``\\div`` and
 brackets. Anything else (a letter, ``\\sqrt``, ``\\pi``) is not a plain number: None, and
 the symbolic matcher decides. Time and memory are bounded: exponents and result sizes are
 capped, so ``2^{2^{2^{100}}}`` is refused at once instead of evaluated.
@@ -14,6 +14,7 @@ a rounded reference accepts a value that rounds to it (:func:`numbers_match`).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -37,7 +38,7 @@ class _Refuse(Exception):
 _TOKEN = re.compile(
     r"\s*(?:"
     r"(?P<num>(?:\d+\.?\d*|\.\d+|\.(?=\\overline|\\dot))(?:\\overline\{\d+\}|\\dot\{?\d\}?)?(?:[eE][-+]?\d+)?)"
-    r"|(?P<cmd>\\frac|\\cdot|\\times|\\div)"
+    r"|(?P<cmd>\\frac|\\sqrt|\\cdot|\\times|\\div)"
     r"|(?P<op>[-+*/^(){}\[\]])"
     r")"
 )
@@ -209,4 +210,17 @@ class _Parser:
             num = self.atom(depth + 1)
             den = self.atom(depth + 1)
             return _check(num / den)
+        if text == "\\sqrt" and self.peek() != "[":
+            return _exact_sqrt(self.atom(depth + 1))
         raise _Refuse
+
+
+def _exact_sqrt(value: Fraction) -> Fraction:
+    """The square root when it is rational (``\\sqrt{16}``, ``\\sqrt{\\frac{9}{4}}``); else the
+    expression is not a plain number."""
+    if value < 0:
+        raise _Refuse
+    num, den = math.isqrt(value.numerator), math.isqrt(value.denominator)
+    if num * num != value.numerator or den * den != value.denominator:
+        raise _Refuse
+    return Fraction(num, den)

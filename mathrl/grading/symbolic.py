@@ -19,12 +19,26 @@ from latex2sympy2_extended.latex2sympy2 import ConversionConfig, latex2sympy
 _CONFIG = ConversionConfig(interpret_as_mixed_fractions=True, lowercase_symbols=False)
 _I = sympy.Symbol("i")
 _BIG_EXPONENT = 10_000
+MAX_NESTING = 40  # the ANTLR parser is exponential in nesting depth; deeper input is refused
+
+
+def _nesting(latex: str) -> int:
+    depth = deepest = 0
+    for ch in latex:
+        if ch in "({[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")}]":
+            depth -= 1
+    return deepest
 
 
 @functools.lru_cache(maxsize=4096)
 def to_sympy(latex: str) -> Any:
     """sympy object for ``latex`` (already normalized), or None when it does not parse.
     The letter ``i`` is read as the imaginary unit (answers never use it as a variable)."""
+    if _nesting(latex) > MAX_NESTING:
+        return None
     try:
         expr = latex2sympy(latex, normalization_config=None, conversion_config=_CONFIG)
     except Exception:
