@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from mathrl.grading.normalize import matching_brace
+
 STYLES = ("boxed", "gsm8k", "last_number")
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\b")
@@ -74,18 +76,5 @@ def _box_content(text: str, start: int) -> str | None:
     if text[i] != "{":
         token = re.match(r"[^\s$]+", text[i:])
         return token.group(0) if token else None
-    depth = 0
-    j = i
-    while j < len(text):
-        ch = text[j]
-        if ch == "\\":
-            j += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j]
-        j += 1
-    return None
+    end = matching_brace(text, i)
+    return text[i + 1 : end] if end is not None else None
