@@ -77,6 +77,17 @@ def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Tokens that end an assistant turn: the tokenizer's EOS plus the chat templates'
+    end-of-turn markers it knows."""
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
 def load_model(model_name: str, dtype: torch.dtype = torch.float32, attn: str | None = None) -> PreTrainedModel:
     """Load a causal LM. On the CPU, eager attention beats SDPA at our short lengths
     (SDPA's CPU flash-attention backward alone took a quarter of a training step)."""
@@ -132,3 +143,32 @@ def sync_weights(policy: torch.nn.Module, sampler_model: PreTrainedModel) -> Non
             weight = weight + module.get_delta_weight(adapter)  # type: ignore[attr-defined]
         target_weight: torch.Tensor = sampler_model.get_submodule(name).weight  # type: ignore[assignment]
         target_weight.copy_(weight)  # type: ignore[arg-type]
+
+
+def load_for_inference(
+    model_name: str, dtype: torch.dtype = torch.bfloat16
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model and tokenizer for generation from any of: the embedded model, a hub id, a
+    local HF directory, a mathrl checkpoint directory (LoRA adapters are merged into
+    their base model), or a mathrl run directory (its latest checkpoint)."""
+    import json
+
+    from mathrl.checkpoint import latest_checkpoint
+
+    path = Path(model_name)
+    if path.is_dir() and (path / "checkpoints.jsonl").exists():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise ValueError(f"model={model_name}: the run has no finished checkpoint yet")
+        path, model_name = latest, str(latest)
+    adapter = path / "adapter_config.json"
+    if path.is_dir() and adapter.exists():
+        from peft import PeftModel
+
+        base_name = json.loads(adapter.read_text())["base_model_name_or_path"]
+        base = load_model(base_name, torch.float32)
+        merged = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+        model = merged.to(dtype)  # type: ignore[assignment]
+    else:
+        model = load_model(model_name, dtype)
+    return model.eval(), load_tokenizer(model_name)

@@ -27,11 +27,16 @@ class Message:
 
 @dataclass(frozen=True)
 class Problem:
-    """A math problem with its reference answer."""
+    """A math problem with its reference answer (LaTeX, without ``\\boxed``), as every
+    dataset is normalized to it. ``source`` names the dataset it came from."""
 
     id: str
     problem: str
     answer: str
+    solution: str | None = None
+    level: int | None = None
+    subject: str | None = None
+    source: str = ""
 
 
 @dataclass(frozen=True)

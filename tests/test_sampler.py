@@ -69,3 +69,22 @@ def test_chunking_does_not_change_greedy_results(tiny_model):
     assert [x.tokens_T for x in a] == [x.tokens_T for x in b]
     for x, y in zip(a, b, strict=True):  # batch shape changes float summation order only
         assert torch.allclose(torch.tensor(x.logprobs_T), torch.tensor(y.logprobs_T), atol=1e-5)
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    from mathrl.rollout.sampler import _nucleus
+
+    logp = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = _nucleus(logp, 0.75).exp()
+    assert torch.allclose(kept, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    kept = _nucleus(logp, 0.45).exp()  # the top token alone reaches 0.45
+    assert torch.allclose(kept, torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+
+
+def test_tiny_top_p_samples_the_greedy_tokens(tiny_model):
+    sampler = TorchSampler(tiny_model, eos_token_ids=[EOS], pad_token_id=0)
+    prompts = [[5, 6, 7], [8, 9]]
+    greedy = sampler.sample(prompts, max_tokens=6, temperature=0, seed=0)
+    nucleus = sampler.sample(prompts, max_tokens=6, temperature=1.0, top_p=1e-6, seed=0)
+    assert [c.tokens_T for c in greedy] == [c.tokens_T for c in nucleus]
+    assert all(abs(lp) < 1e-5 for c in nucleus for lp in c.logprobs_T)

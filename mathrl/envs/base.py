@@ -49,22 +49,24 @@ class GradedEnv(Env, Protocol):
         """(response, reference, style) to grade."""
         ...
 
-    def step_graded(self, action: str, grade: Grade) -> StepResult: ...
+    def step_graded(self, action: str, grade: Grade, num_tokens: int = 0) -> StepResult: ...
 
 
 @dataclass(frozen=True)
 class SingleTurnEnv:
     """One question, one answer, graded by :mod:`mathrl.grading` against ``reference``.
 
-    reward = correct + format_coef * (formatted - 1), where formatted means a final answer
-    was found: a well-formed wrong answer scores 0, one without a final answer
-    ``-format_coef`` (tinker-cookbook's convention).
+    reward = correct + format_coef * (formatted - 1) - length_penalty * tokens / 1000,
+    where formatted means a final answer was found: a well-formed wrong answer scores 0,
+    one without a final answer ``-format_coef`` (tinker-cookbook's convention); the
+    optional length penalty costs ``length_penalty`` per 1000 completion tokens.
     """
 
     messages: tuple[Message, ...]
     reference: str
     style: str = "boxed"
     format_coef: float = 0.0
+    length_penalty: float = 0.0
 
     def initial_messages(self) -> list[Message]:
         return list(self.messages)
@@ -75,9 +77,10 @@ class SingleTurnEnv:
     def step(self, action: str) -> StepResult:
         return self.step_graded(action, grade_batch([action], [self.reference], style=self.style)[0])
 
-    def step_graded(self, action: str, grade: Grade) -> StepResult:
+    def step_graded(self, action: str, grade: Grade, num_tokens: int = 0) -> StepResult:
         formatted = grade.answer is not None
         reward = float(grade.correct) + self.format_coef * (float(formatted) - 1.0)
+        reward -= self.length_penalty * num_tokens / 1000
         metrics = {
             "correct": float(grade.correct),
             "format": float(formatted),
@@ -94,8 +97,10 @@ class SingleTurnBuilder:
     reference: str
     style: str = "boxed"
     format_coef: float = 0.0
+    length_penalty: float = 0.0
     tag: str = "all"
+    problem_id: str = ""
 
     def make_envs(self, group_size: int) -> list[SingleTurnEnv]:
-        env = SingleTurnEnv(self.messages, self.reference, self.style, self.format_coef)
+        env = SingleTurnEnv(self.messages, self.reference, self.style, self.format_coef, self.length_penalty)
         return [env] * group_size  # stateless, so one instance serves the group

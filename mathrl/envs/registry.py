@@ -9,6 +9,7 @@ from typing import Any
 
 from mathrl.envs.arithmetic import ArithmeticConfig, ArithmeticDataset
 from mathrl.envs.base import RLDataset
+from mathrl.envs.math import MathConfig, MathDataset, is_dataset_name
 
 
 @dataclass(frozen=True)
@@ -18,19 +19,33 @@ class EnvSpec:
     description: str
 
 
+def _math_env(name: str) -> Callable[..., RLDataset]:
+    return lambda options, groups_per_batch, seed: MathDataset(options, groups_per_batch, seed, name)
+
+
 ENVS: dict[str, EnvSpec] = {
     "arithmetic": EnvSpec(ArithmeticConfig, ArithmeticDataset, "What is x + y? (operands/operators are options)"),
+    "math": EnvSpec(MathConfig, _math_env("math"), "Hendrycks MATH, boxed answers; tested on MATH-500"),
+    "gsm8k": EnvSpec(MathConfig, _math_env("gsm8k"), "GSM8K word problems; boxed, '####' or 'The answer is N'"),
 }
+ANY_DATASET = "any dataset name, .jsonl/.json/.csv/.parquet file or hub id: a math env over it"
+
+
+def _spec(name: str) -> EnvSpec:
+    if name in ENVS:
+        return ENVS[name]
+    if is_dataset_name(name):
+        return EnvSpec(MathConfig, _math_env(name), ANY_DATASET)
+    hint = get_close_matches(name, ENVS, n=1)
+    raise ValueError(
+        f"env: unknown env {name!r}; known: {sorted(ENVS)} or {ANY_DATASET}"
+        + (f". Did you mean {hint[0]!r}?" if hint else "")
+    )
 
 
 def env_options(name: str, args: Mapping[str, Any]) -> Any:
     """Build the env's options dataclass from ``env_args``, with errors that name the key."""
-    if name not in ENVS:
-        hint = get_close_matches(name, ENVS, n=1)
-        raise ValueError(
-            f"env: unknown env {name!r}; known: {sorted(ENVS)}" + (f". Did you mean {hint[0]!r}?" if hint else "")
-        )
-    spec = ENVS[name]
+    spec = _spec(name)
     names = {f.name: f for f in fields(spec.options)}
     for key, value in args.items():
         if key not in names:
@@ -51,4 +66,4 @@ def env_options(name: str, args: Mapping[str, Any]) -> Any:
 
 def make_dataset(name: str, args: Mapping[str, Any], groups_per_batch: int, seed: int) -> tuple[RLDataset, Any]:
     options = env_options(name, args)
-    return ENVS[name].make_dataset(options, groups_per_batch, seed), options
+    return _spec(name).make_dataset(options, groups_per_batch, seed), options

@@ -52,7 +52,10 @@ def run_groups(
         still = []
         for e, prompt, comp, text, grade in zip(active, prompts, completions, texts, grades, strict=True):
             env = envs[e]
-            result = env.step_graded(text, grade) if isinstance(env, GradedEnv) and grade else env.step(text)
+            if isinstance(env, GradedEnv) and grade is not None:
+                result = env.step_graded(text, grade, len(comp.tokens_T))
+            else:
+                result = env.step(text)
             done = result.episode_done or turn == max_turns - 1
             transitions[e].append(
                 Transition(tuple(prompt), comp, text, result.reward, done, {**result.metrics, "turn": float(turn)})

@@ -28,7 +28,7 @@ from mathrl.types import Completion
 
 class Sampler(Protocol):
     def sample(
-        self, prompts: Sequence[Sequence[int]], *, max_tokens: int, temperature: float, seed: int
+        self, prompts: Sequence[Sequence[int]], *, max_tokens: int, temperature: float, seed: int, top_p: float = 1.0
     ) -> list[Completion]: ...
 
 
@@ -42,7 +42,7 @@ class TorchSampler:
         self.max_batch = max_batch
 
     def sample(
-        self, prompts: Sequence[Sequence[int]], *, max_tokens: int, temperature: float, seed: int
+        self, prompts: Sequence[Sequence[int]], *, max_tokens: int, temperature: float, seed: int, top_p: float = 1.0
     ) -> list[Completion]:
         generator = torch.Generator().manual_seed(seed)
         results: list[Completion | None] = [None] * len(prompts)
@@ -59,7 +59,7 @@ class TorchSampler:
             chunks[-1].append(item)
             filled += len(item[1])
         for chunk in chunks:
-            outs = self._sample_chunk(chunk, max_tokens, temperature, generator)
+            outs = self._sample_chunk(chunk, max_tokens, temperature, top_p, generator)
             for (_, ix), comps in zip(chunk, outs, strict=True):
                 for i, c in zip(ix, comps, strict=True):
                     results[i] = c
@@ -72,6 +72,7 @@ class TorchSampler:
         chunk: list[tuple[tuple[int, ...], list[int]]],
         max_tokens: int,
         temperature: float,
+        top_p: float,
         generator: torch.Generator,
     ) -> list[list[Completion]]:
         prompts = [p for p, _ in chunk]
@@ -115,7 +116,7 @@ class TorchSampler:
         logprobs: list[torch.Tensor] = []
         done_B = torch.zeros(batch, dtype=torch.bool)
         for step in range(max_tokens):
-            tok_B, lp_B = _draw(logits_BV, temperature, generator)
+            tok_B, lp_B = _draw(logits_BV, temperature, top_p, generator)
             tok_B = torch.where(done_B, self.pad_token_id, tok_B)
             tokens.append(tok_B)
             logprobs.append(lp_B)
@@ -151,15 +152,28 @@ def _common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def _draw(logits_BV: torch.Tensor, temperature: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row; return (tokens [B], logprobs [B]) of the sampled distribution."""
+def _draw(
+    logits_BV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row; return (tokens [B], logprobs [B]) of the sampled
+    distribution (after temperature and the top-p nucleus cut, renormalised)."""
     if temperature <= 0:
         logp_BV = torch.log_softmax(logits_BV, dim=-1)
         tok_B = logp_BV.argmax(dim=-1)
     else:
         logp_BV = torch.log_softmax(logits_BV / temperature, dim=-1)
+        if top_p < 1.0:
+            logp_BV = _nucleus(logp_BV, top_p)
         tok_B = torch.multinomial(logp_BV.exp(), 1, generator=generator).squeeze(-1)
     return tok_B, logp_BV.gather(-1, tok_B[:, None]).squeeze(-1)
+
+
+def _nucleus(logp_BV: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches ``top_p``; renormalise."""
+    sorted_BV, order_BV = logp_BV.sort(dim=-1, descending=True)
+    mass_before_BV = sorted_BV.exp().cumsum(dim=-1) - sorted_BV.exp()
+    drop_BV = torch.zeros_like(logp_BV, dtype=torch.bool).scatter(-1, order_BV, mass_before_BV >= top_p)
+    return torch.log_softmax(logp_BV.masked_fill(drop_BV, float("-inf")), dim=-1)
 
 
 def _to_completion(tokens_T: torch.Tensor, logprobs_T: torch.Tensor, eos_ids: torch.Tensor) -> Completion:

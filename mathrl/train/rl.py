@@ -35,7 +35,7 @@ import torch
 from mathrl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from mathrl.config import ConfigError, config_from_dict, config_to_dict, diff_configs
 from mathrl.envs.registry import make_dataset
-from mathrl.models import EMBEDDED_MODEL, load_model, load_tokenizer, sync_weights, wrap_lora
+from mathrl.models import EMBEDDED_MODEL, eos_token_ids, load_model, load_tokenizer, sync_weights, wrap_lora
 from mathrl.plots import plot_metrics
 from mathrl.rl.advantages import group_advantages, is_constant
 from mathrl.rl.batching import Batch, Datum, action_logprobs, collate, trajectory_datums
@@ -144,7 +144,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     sampler_model = load_model(cfg.model_name, getattr(torch, cfg.sample_dtype))
     sampler_model.to(device)  # type: ignore[arg-type]
     sync_weights(policy, sampler_model)
-    sampler = TorchSampler(sampler_model, _eos_ids(tokenizer), tokenizer.pad_token_id)
+    sampler = TorchSampler(sampler_model, eos_token_ids(tokenizer), tokenizer.pad_token_id)
     if ref_model is not None:
         ref_model.to(device)
 
@@ -364,15 +364,6 @@ def _seed_everything(seed: int) -> None:
 def _step_seed(seed: int, step: int, purpose: str) -> int:
     """A seed per (run seed, step, purpose): a resumed step samples what the original would."""
     return (seed * 1_000_003 + step * 7919 + {"train": 1, "eval": 2}[purpose]) % (2**63)
-
-
-def _eos_ids(tokenizer: Any) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    return sorted(i for i in ids if i is not None)
 
 
 def _save_rollouts(log_path: Path, step: int, groups: list[TrajectoryGroup], tokenizer: Any) -> None:

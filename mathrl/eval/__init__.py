@@ -1,0 +1,1 @@
+"""Benchmark evaluation of math models (`mathrl eval`)."""
