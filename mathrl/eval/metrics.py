@@ -122,7 +122,7 @@ def wilson(p: float, n: float, confidence: float = 0.95) -> tuple[float, float]:
     z = _z(confidence)
     z2n = z * z / n
     center = (p + z2n / 2.0) / (1.0 + z2n)
-    half = z * math.sqrt(p * (1.0 - p) / n)
+    half = z / (1.0 + z2n) * math.sqrt(p * (1.0 - p) / n + z2n / (4.0 * n))
     low = 0.0 if p == 0.0 else max(0.0, center - half)  # the bounds at p = 0 and 1 are exact
     high = 1.0 if p == 1.0 else min(1.0, center + half)
     return low, high
