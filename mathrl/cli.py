@@ -25,6 +25,18 @@ def _train(argv: Sequence[str]) -> None:
     print(f"run directory: {log_path}")
 
 
+def _eval(argv: Sequence[str]) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from mathrl.eval.command import EvalConfig, run_eval
+
+    hf_logging.disable_progress_bar()
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(config_help(EvalConfig, "mathrl eval"))
+        return
+    run_eval(parse_config(EvalConfig, argv))
+
+
 def _env_help() -> str:
     from dataclasses import MISSING, fields
 
@@ -41,6 +53,7 @@ def _env_help() -> str:
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "train": (_train, "GRPO reinforcement learning with verifiable rewards"),
+    "eval": (_eval, "benchmarks: pass@1 with 95% CI, pass@k, maj@k; several models -> ablation table"),
 }
 
 

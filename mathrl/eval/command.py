@@ -1,0 +1,186 @@
+"""``mathrl eval``: models x benchmarks -> per-problem JSONL, summaries, an ablation table.
+
+Output layout (``output_dir``)::
+
+    config.json                      the resolved command
+    <label>/<benchmark>.jsonl        one row per problem: every sample, answer, correct, tokens
+    <label>/<benchmark>.summary.json pass@1 [95% CI], pass@k, maj@k, tokens, truncation
+    ablation.md / .csv / .json       models x benchmarks
+
+Rerunning with the same ``output_dir`` resumes: finished problems are read back, not
+generated again; changed generation settings are refused (they would mix two runs).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mathrl.data.datasets import DataError, load_problems
+from mathrl.eval.metrics import BenchmarkSummary, summarize
+from mathrl.eval.report import write_reports
+from mathrl.eval.runner import GenSettings, evaluate, items_from_problems, to_results
+from mathrl.models import EMBEDDED_MODEL
+from mathrl.prompts import TINKER_SUFFIX
+from mathrl.rollout.backend import ChatBackend, LocalBackend
+from mathrl.tracking import atomic_write_text
+
+
+def _help(text: str, **extra: Any) -> Any:
+    return {"help": text, **extra}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Every knob of ``mathrl eval``."""
+
+    model: str = field(
+        default=EMBEDDED_MODEL,
+        metadata=_help("Model(s), comma-separated: hub id, local HF dir, mathrl checkpoint or run dir."),
+    )
+    labels: str = field(default="", metadata=_help("Row names for the models, comma-separated (default: derived)."))
+    benchmarks: str = field(default="math500", metadata=_help("Comma-separated dataset names or files."))
+    split: str = field(default="test", metadata=_help("Split of each benchmark."))
+    data_dir: str = field(default="", metadata=_help("Directory with the local dataset files (or $MATHRL_DATA_DIR)."))
+    limit: int = field(default=0, metadata=_help("Only the first N problems of each benchmark (0 = all).", min=0))
+    n: int = field(default=1, metadata=_help("Samples per problem.", min=1))
+    temperature: float = field(default=0.0, metadata=_help("Sampling temperature (0 = greedy).", min=0))
+    top_p: float = field(default=1.0, metadata=_help("Nucleus sampling mass.", min=0, max=1))
+    max_tokens: int = field(default=1024, metadata=_help("Max new tokens per sample.", min=1))
+    seed: int = field(default=0, metadata=_help("Sampling seed."))
+    suffix: str = field(default=TINKER_SUFFIX, metadata=_help("Text appended to each problem."))
+    few_shot: int = field(default=0, metadata=_help("Solved examples before each problem (0-2).", min=0, max=2))
+    system_prompt: str = field(default="", metadata=_help("Optional system message."))
+    style: str = field(default="", metadata=_help("Answer extraction: boxed or gsm8k (default: by benchmark)."))
+    dtype: Literal["bf16", "fp32"] = field(default="bf16", metadata=_help("Weights dtype of local models."))
+    chunk_size: int = field(default=64, metadata=_help("Problems per generation call (local models).", min=1))
+    base_url: str = field(default="", metadata=_help("OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."))
+    api_model: str = field(default="", metadata=_help("Model name at base_url."))
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata=_help("Env var holding the endpoint's API key."))
+    concurrency: int = field(default=8, metadata=_help("Parallel requests to the endpoint.", min=1))
+    max_retries: int = field(default=5, metadata=_help("Retries of a failed request (429, 5xx, network).", min=0))
+    timeout_s: float = field(default=300.0, metadata=_help("Per-request timeout in seconds.", min=1))
+    grading_timeout: float = field(default=2.0, metadata=_help("Wall-clock limit per answer comparison.", min=0.1))
+    output_dir: str = field(default="", metadata=_help("Where results go (default runs/eval-<time>); reuse to resume."))
+
+
+_GENERATION_KEYS = ("split", "n", "temperature", "top_p", "max_tokens", "seed", "suffix", "few_shot",
+                    "system_prompt", "style", "chunk_size", "limit")  # fmt: skip
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, list[BenchmarkSummary]]:
+    out_dir = Path(cfg.output_dir or f"runs/eval-{datetime.now():%Y%m%d-%H%M%S}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+    console = Console()
+    benchmarks = [b.strip() for b in cfg.benchmarks.split(",") if b.strip()]
+    problem_sets = {b: _problems(cfg, b) for b in benchmarks}
+    results: dict[str, list[BenchmarkSummary]] = {}
+    for label, make_backend in _models(cfg):
+        backend = make_backend()
+        results[label] = []
+        for bench, problems in problem_sets.items():
+            summary = _run_one(cfg, backend, label, bench, problems, out_dir / label.replace("/", "__"), console)
+            results[label].append(summary)
+    markdown = write_reports(out_dir, results)
+    console.print(markdown, markup=False, highlight=False)
+    console.print(f"\nresults: {out_dir}")
+    return results
+
+
+def _problems(cfg: EvalConfig, bench: str) -> list[Any]:
+    try:
+        loaded = load_problems(bench, cfg.split, data_dir=cfg.data_dir or None, limit=cfg.limit or None)
+    except DataError as e:
+        raise ValueError(f"benchmarks: {e}") from None
+    print(f"{bench}: {loaded.describe()}")
+    return loaded.problems
+
+
+def _run_one(
+    cfg: EvalConfig,
+    backend: ChatBackend,
+    label: str,
+    bench: str,
+    problems: list[Any],
+    folder: Path,
+    console: Console,
+) -> BenchmarkSummary:
+    folder.mkdir(parents=True, exist_ok=True)
+    settings_path = folder / f"{bench}.settings.json"
+    settings = {k: getattr(cfg, k) for k in _GENERATION_KEYS}
+    if settings_path.exists():
+        before = json.loads(settings_path.read_text())
+        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        if changed:
+            raise ValueError(
+                f"output_dir={cfg.output_dir}: {label}/{bench} was generated with other settings "
+                f"({', '.join(f'{k}: {before.get(k)!r} -> {settings[k]!r}' for k in changed)}); "
+                "use a new output_dir"
+            )
+    atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
+    style = cfg.style or ("gsm8k" if bench == "gsm8k" else "boxed")
+    items = items_from_problems(
+        problems, suffix=cfg.suffix, few_shot=cfg.few_shot, system_prompt=cfg.system_prompt, style=style
+    )
+    gen = GenSettings(cfg.n, cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+    with Progress(
+        TextColumn(f"{label} / {bench}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        task = progress.add_task("eval", total=len(items))
+        rows = evaluate(
+            backend,
+            items,
+            gen,
+            out_path=folder / f"{bench}.jsonl",
+            chunk_size=cfg.chunk_size,
+            grading_timeout=cfg.grading_timeout,
+            on_chunk=lambda done, total: progress.update(task, completed=done),
+        )
+    summary = summarize(bench, to_results(rows))
+    atomic_write_text(folder / f"{bench}.summary.json", json.dumps(asdict(summary), indent=2) + "\n")
+    return summary
+
+
+def _models(cfg: EvalConfig) -> list[tuple[str, Any]]:
+    """(label, backend factory) per model; an endpoint counts as one more model."""
+    names = [m.strip() for m in cfg.model.split(",") if m.strip()] if not cfg.base_url else []
+    labels = [x.strip() for x in cfg.labels.split(",") if x.strip()]
+    entries: list[tuple[str, Any]] = []
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    for name in names:
+        entries.append((name, lambda name=name: LocalBackend.load(name, dtype)))
+    if cfg.base_url:
+        if not cfg.api_model:
+            raise ValueError("api_model: required with base_url (the model name the endpoint serves)")
+
+        def remote() -> ChatBackend:
+            import os
+
+            from mathrl.rollout.openai_backend import OpenAIBackend
+
+            return OpenAIBackend(
+                cfg.base_url, cfg.api_model, api_key=os.environ.get(cfg.api_key_env), concurrency=cfg.concurrency,
+                max_retries=cfg.max_retries, timeout_s=cfg.timeout_s,
+            )  # fmt: skip
+
+        entries.append((cfg.api_model, remote))
+    if labels and len(labels) != len(entries):
+        raise ValueError(f"labels: {len(labels)} labels for {len(entries)} models")
+    return [(labels[i] if labels else _label(entries[i][0]), entries[i][1]) for i in range(len(entries))]
+
+
+def _label(name: str) -> str:
+    if name == EMBEDDED_MODEL:
+        return name.split(":", 1)[1]
+    path = Path(name)
+    if path.exists():
+        return "/".join(path.resolve().parts[-2:])
+    return name.replace("/", "_")

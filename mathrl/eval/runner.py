@@ -1,0 +1,160 @@
+"""Evaluate a backend on a list of single-turn problems: generate, grade, record.
+
+The same function serves ``mathrl eval`` (a local model or an OpenAI-compatible
+endpoint) and the test evaluation inside ``mathrl train`` (the sampler's weights, via
+:class:`LocalBackend`), so both report the same numbers the same way. Each problem's
+row (every sample, its extracted answer, correct flag, token count, finish reason and
+vote key) is appended to a JSONL file as soon as its chunk is graded; a rerun reads the
+file and generates only the problems that are missing. Chunks are fixed slices of the
+problem list with their own seed, so a rerun that resumes after whole chunks samples
+what an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mathrl.eval.metrics import ProblemResult
+from mathrl.grading import answers_match, grade_batch
+from mathrl.grading.normalize import normalize
+from mathrl.prompts import math_messages
+from mathrl.rollout.backend import ChatBackend
+from mathrl.tracking import append_jsonl, read_jsonl
+from mathrl.types import Message, Problem
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One problem as the model sees it, and how to grade its answer."""
+
+    id: str
+    messages: tuple[Message, ...]
+    reference: str
+    style: str = "boxed"
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    n: int = 1
+    max_tokens: int = 1024
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def items_from_problems(
+    problems: Sequence[Problem], *, suffix: str, few_shot: int = 0, system_prompt: str = "", style: str = "boxed"
+) -> list[EvalItem]:
+    return [
+        EvalItem(
+            p.id,
+            tuple(math_messages(p.problem, suffix=suffix, few_shot=few_shot, system_prompt=system_prompt or None)),
+            p.answer,
+            style,
+        )
+        for p in problems
+    ]
+
+
+def evaluate(
+    backend: ChatBackend,
+    items: Sequence[EvalItem],
+    settings: GenSettings,
+    *,
+    out_path: Path | None = None,
+    chunk_size: int = 64,
+    grading_timeout: float = 2.0,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Rows for ``items`` (in their order); with ``out_path``, resume from and append to it."""
+    done: dict[str, dict[str, Any]] = {}
+    if out_path is not None and out_path.exists():
+        done = {row["id"]: row for row in read_jsonl(out_path)}
+    for start in range(0, len(items), chunk_size):
+        chunk = [item for item in items[start : start + chunk_size] if item.id not in done]
+        if not chunk:
+            continue
+        t0 = time.time()
+        samples = backend.generate(
+            [item.messages for item in chunk],
+            n=settings.n,
+            max_tokens=settings.max_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            seed=settings.seed + 1_000_003 * (start // chunk_size),
+        )
+        flat = [(item, s) for item, outs in zip(chunk, samples, strict=True) for s in outs]
+        all_grades = []
+        for style in sorted({item.style for item in chunk}):  # one parallel grading call per answer style
+            picked = [(k, item, s) for k, (item, s) in enumerate(flat) if item.style == style]
+            graded = grade_batch([s.text for _, _, s in picked], [i.reference for _, i, _ in picked], style=style,
+                                 timeout=grading_timeout)  # fmt: skip
+            all_grades += list(zip((k for k, _, _ in picked), graded, strict=True))
+        by_index = dict(all_grades)
+        offset = 0
+        for item, outs in zip(chunk, samples, strict=True):
+            grades = [by_index[offset + j] for j in range(len(outs))]
+            offset += len(outs)
+            row = {
+                "id": item.id,
+                "reference": item.reference,
+                "correct": [g.correct for g in grades],
+                "votes": vote_keys([g.answer for g in grades]),
+                "samples": [
+                    {
+                        "text": s.text,
+                        "answer": g.answer,
+                        "correct": g.correct,
+                        "tokens": s.num_tokens,
+                        "finish_reason": s.finish_reason,
+                        "grader_timeout": g.timed_out,
+                    }
+                    for s, g in zip(outs, grades, strict=True)
+                ],
+                "seconds": round((time.time() - t0) / len(chunk), 3),
+            }
+            done[item.id] = row
+            if out_path is not None:
+                append_jsonl(out_path, row)
+        if on_chunk is not None:
+            on_chunk(sum(item.id in done for item in items), len(items))
+    return [done[item.id] for item in items]
+
+
+def vote_keys(answers: Sequence[str | None]) -> list[int | None]:
+    """A key per answer, equal for mathematically equal answers (for maj@k); None for no
+    answer. Equal canonical spellings share a key at once; the remaining distinct
+    answers are compared with the grader."""
+    keys: list[int | None] = []
+    representatives: list[str] = []
+    by_spelling: dict[str, int] = {}
+    for answer in answers:
+        if answer is None:
+            keys.append(None)
+            continue
+        spelling = normalize(answer)
+        if spelling not in by_spelling:
+            match = next((k for k, rep in enumerate(representatives) if answers_match(answer, rep)), None)
+            if match is None:
+                representatives.append(answer)
+                match = len(representatives) - 1
+            by_spelling[spelling] = match
+        keys.append(by_spelling[spelling])
+    return keys
+
+
+def to_results(rows: Sequence[dict[str, Any]]) -> list[ProblemResult]:
+    return [
+        ProblemResult(
+            problem_id=row["id"],
+            correct=tuple(bool(c) for c in row["correct"]),
+            votes=tuple(row["votes"]),
+            tokens=tuple(int(s["tokens"]) for s in row["samples"]),
+            truncated=tuple(s["finish_reason"] == "length" for s in row["samples"]),
+        )
+        for row in rows
+    ]
