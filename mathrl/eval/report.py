@@ -81,7 +81,7 @@ def write_reports(out_dir: Path, results: Mapping[str, Sequence[BenchmarkSummary
                     f"{s.pass1_high:.4f}",
                     f"{s.mean_tokens:.1f}",
                     f"{s.truncation_rate:.4f}",
-                ]  # fmt: skip
+                ]
             )
     atomic_write_text(out_dir / "ablation.csv", buffer.getvalue())
     data = {label: [asdict(s) for s in summaries] for label, summaries in results.items()}
