@@ -91,6 +91,9 @@ class ServeConfig:
     max_tokens_limit: int = field(
         default=1024, metadata=_help("Largest max_tokens a request may ask for; the default when it gives none.", min=1)
     )
+    num_threads: int | None = field(
+        default=None, metadata=_help("torch CPU threads (default: all cores; fewer when others share them).", min=1)
+    )
     batch_window_ms: float = field(
         default=5.0, metadata=_help("An idle server waits this long for more requests to batch.", min=0)
     )
@@ -116,7 +119,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator accepts
     stream: bool | None = None
 
 
@@ -247,7 +250,7 @@ def _flatten(batch: Sequence[_Pending]) -> tuple[list[tuple[Message, ...]], int]
 
 def _unflatten(batch: Sequence[_Pending], out: list[list[Sample]], n: int) -> list[list[Sample]]:
     """Each request's ``n`` samples out of a generate call built by :func:`_flatten`."""
-    if n > 1 or all(p.n == 1 for p in batch):
+    if all(p.n == n for p in batch):  # one row per request already
         return out
     flat = [sample for row in out for sample in row]
     result, start = [], 0
@@ -305,7 +308,8 @@ def _settings(req: ChatCompletionRequest, max_tokens_limit: int) -> _Settings:
     if max_tokens > max_tokens_limit:
         raise InvalidRequest(f"{param}: {max_tokens} is over this server's limit of {max_tokens_limit}", param)
     temperature = 1.0 if req.temperature is None else req.temperature
-    return _Settings(max_tokens, temperature, 1.0 if req.top_p is None else req.top_p)
+    top_p = 1.0 if req.top_p is None or temperature == 0 else req.top_p  # greedy ignores top_p: batch freely
+    return _Settings(max_tokens, temperature, top_p)
 
 
 def _check_request(req: ChatCompletionRequest, model_id: str, max_batch: int) -> None:
@@ -467,6 +471,8 @@ def serve(cfg: ServeConfig) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
     start = time.perf_counter()
     backend = LocalBackend.load(cfg.model, dtype, max_batch=cfg.max_batch)

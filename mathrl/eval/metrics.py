@@ -227,3 +227,18 @@ def summarize(benchmark: str, rows: Sequence[ProblemResult]) -> BenchmarkSummary
         truncation_rate=fmean(bool(t) for r in rows for t in r.truncated),
         no_answer_rate=fmean(v is None for r in rows for v in r.votes),
     )
+
+
+def test_metrics(summary: BenchmarkSummary, prefix: str = "test/") -> dict[str, float]:
+    """A summary as flat metrics.jsonl keys (tinker's ``test/env/all/correct`` is pass@1)."""
+    out = {
+        f"{prefix}env/all/correct": summary.pass1,
+        f"{prefix}pass@1/ci_low": summary.pass1_low,
+        f"{prefix}pass@1/ci_high": summary.pass1_high,
+        f"{prefix}env/all/ac_tokens_per_turn": summary.mean_tokens,
+        f"{prefix}env/all/frac_truncated": summary.truncation_rate,
+        f"{prefix}env/all/frac_no_answer": summary.no_answer_rate,
+    }
+    out |= {f"{prefix}pass@{k}": v for k, v in summary.pass_at.items() if k > 1}
+    out |= {f"{prefix}maj@{k}": v for k, v in summary.maj_at.items() if k > 1}
+    return out

@@ -34,12 +34,17 @@ import torch
 
 from mathrl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from mathrl.config import ConfigError, config_from_dict, config_to_dict, diff_configs
+from mathrl.envs.base import SingleTurnBuilder
 from mathrl.envs.registry import make_dataset
+from mathrl.eval.metrics import summarize, test_metrics
+from mathrl.eval.runner import EvalItem, GenSettings, to_results
+from mathrl.eval.runner import evaluate as run_eval_items
 from mathrl.models import EMBEDDED_MODEL, eos_token_ids, load_model, load_tokenizer, sync_weights, wrap_lora
 from mathrl.plots import plot_metrics
 from mathrl.rl.advantages import group_advantages, is_constant
 from mathrl.rl.batching import Batch, Datum, action_logprobs, collate, trajectory_datums
 from mathrl.rl.losses import AGGREGATIONS, LOSSES, kl_k3
+from mathrl.rollout.backend import LocalBackend
 from mathrl.rollout.metrics import group_metrics
 from mathrl.rollout.runner import run_groups
 from mathrl.rollout.sampler import TorchSampler
@@ -165,14 +170,26 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     keep_rows(logger.path, lambda r: r["step"] < start_step)  # rows after the checkpoint are redone
     keep_rows(log_path / "checkpoints.jsonl", lambda r: r["step"] <= start_step)
 
+    test_builders = dataset.test_builders()
+    eval_backend = LocalBackend(sampler_model, tokenizer)  # the sampler's weights, so always current
+
     def evaluate(step: int) -> dict[str, float]:
+        """Test metrics with mathrl eval's code when the test problems are single-turn
+        (pass@1 with its 95% interval, pass@k, maj@k); multi-turn envs go through the runner."""
         t0 = time.time()
-        groups = run_groups(
-            dataset.test_builders(), cfg.eval_n, sampler, tokenizer,
-            max_tokens=cfg.max_tokens, temperature=cfg.eval_temperature,
-            seed=_step_seed(cfg.seed, step, "eval"), max_turns=cfg.max_turns,
-        )  # fmt: skip
-        return {**group_metrics(groups, prefix="test/"), "time/eval": time.time() - t0}
+        seed = _step_seed(cfg.seed, step, "eval")
+        single = [b for b in test_builders if isinstance(b, SingleTurnBuilder)]
+        if len(single) < len(test_builders):
+            groups = run_groups(
+                test_builders, cfg.eval_n, sampler, tokenizer, max_tokens=cfg.max_tokens,
+                temperature=cfg.eval_temperature, seed=seed, max_turns=cfg.max_turns,
+            )  # fmt: skip
+            return {**group_metrics(groups, prefix="test/"), "time/eval": time.time() - t0}
+        items = [EvalItem(b.problem_id or str(i), b.messages, b.reference, b.style) for i, b in enumerate(single)]
+        settings = GenSettings(cfg.eval_n, cfg.max_tokens, cfg.eval_temperature, 1.0, seed)
+        rows = run_eval_items(eval_backend, items, settings, out_path=log_path / "eval" / f"step_{step:06d}.jsonl",
+                              chunk_size=len(items))  # fmt: skip
+        return {**test_metrics(summarize("test", to_results(rows))), "time/eval": time.time() - t0}
 
     def save(step: int, final: bool = False) -> None:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}

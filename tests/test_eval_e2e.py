@@ -1,0 +1,92 @@
+"""Real runs of ``mathrl eval`` (embedded model, local benchmark files) and of
+``mathrl train env=gsm8k`` with its periodic test evaluation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+pytestmark = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not beside the checkout")
+
+
+def _mathrl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "mathrl.cli", *args], capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mathrl {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _no_seconds(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "seconds"}
+
+
+def _untimed(path: Path) -> list[dict]:
+    return [_no_seconds(row) for row in _jsonl(path)]
+
+
+def test_eval_writes_rows_summaries_and_an_ablation_table_and_resumes(tmp_path):
+    out = tmp_path / "ev"
+    common = [f"data_dir={SHARED}", "limit=3", "n=2", "temperature=0.8", "max_tokens=24", f"output_dir={out}"]
+    run = _mathrl("eval", "benchmarks=gsm8k,math500", "model=embedded:SmolLM2-135M-Instruct,"
+                  "embedded:SmolLM2-135M-Instruct", "labels=base,again", *common)  # fmt: skip
+    assert "| base |" in run.stdout and "| again |" in run.stdout
+    rows = _jsonl(out / "base" / "gsm8k.jsonl")
+    assert [r["id"] for r in rows] == ["gsm8k/test/0", "gsm8k/test/1", "gsm8k/test/2"]
+    for row in rows:
+        assert len(row["samples"]) == 2 and len(row["votes"]) == 2
+        for sample in row["samples"]:
+            assert set(sample) >= {"text", "answer", "correct", "tokens", "finish_reason"}
+            assert 0 < sample["tokens"] <= 24
+    summary = json.loads((out / "base" / "gsm8k.summary.json").read_text())
+    pass1 = sum(sum(r["correct"]) / 2 for r in rows) / 3
+    assert summary["pass1"] == pytest.approx(pass1)
+    assert summary["pass1_low"] <= pass1 <= summary["pass1_high"]
+    assert set(summary["pass_at"]) == {"1", "2"} and set(summary["maj_at"]) == {"1", "2"}
+    truncated = sum(s["finish_reason"] == "length" for r in rows for s in r["samples"]) / 6
+    assert summary["truncation_rate"] == pytest.approx(truncated)
+    # same model, same seed: the two rows of the table agree
+    assert _untimed(out / "again" / "math500.jsonl") == _untimed(out / "base" / "math500.jsonl")
+    table = json.loads((out / "ablation.json").read_text())
+    assert set(table) == {"base", "again"} and [s["benchmark"] for s in table["base"]] == ["gsm8k", "math500"]
+    assert (out / "ablation.csv").read_text().count("\n") == 1 + 4
+    assert "95% confidence interval" in (out / "ablation.md").read_text()
+
+    # resume: drop the last problem's row; the rerun regenerates only it, identically
+    path = out / "base" / "math500.jsonl"
+    before = path.read_text().splitlines()
+    path.write_text("\n".join(before[:-1]) + "\n")
+    _mathrl("eval", "benchmarks=math500", "labels=base", *common)
+    after = path.read_text().splitlines()
+    assert len(after) == 3 and after[:2] == before[:2]  # the first two were read back, not redone
+    assert _untimed(path) == [_no_seconds(json.loads(line)) for line in before]
+
+    changed = _mathrl("eval", "benchmarks=math500", "labels=base", *common[:-2], "max_tokens=32", f"output_dir={out}",
+                      check=False)  # fmt: skip
+    assert changed.returncode == 2 and "max_tokens: 24 -> 32" in changed.stderr
+
+
+def test_train_on_gsm8k_with_periodic_test_evaluation(tmp_path):
+    run = tmp_path / "gsm"
+    _mathrl(
+        "train", "env=gsm8k", f"env_args.data_dir={SHARED}", "env_args.test_limit=4", "env_args.limit=16",
+        "group_size=2", "groups_per_batch=2", "max_tokens=24", "max_steps=2", "eval_every=1", "eval_n=2",
+        "eval_temperature=0.7", "micro_batch_size=4", f"log_path={run}",
+    )  # fmt: skip
+    rows = _jsonl(run / "metrics.jsonl")
+    tested = [r for r in rows if "test/env/all/correct" in r]
+    assert [r["step"] for r in tested] == [0, 1, 2]  # every step, and the final weights
+    for r in tested:
+        assert 0 <= r["test/pass@1/ci_low"] <= r["test/env/all/correct"] <= r["test/pass@1/ci_high"] <= 1
+        assert "test/pass@2" in r and "test/maj@2" in r
+    evals = _jsonl(run / "eval" / "step_000002.jsonl")
+    assert len(evals) == 4 and all(len(r["samples"]) == 2 for r in evals)
+    assert "env/all/reward/total" in rows[0] and rows[0]["env/all/grader_timeouts"] == 0
