@@ -37,6 +37,15 @@ def _eval(argv: Sequence[str]) -> None:
     run_eval(parse_config(EvalConfig, argv))
 
 
+def _serve(argv: Sequence[str]) -> None:
+    from mathrl.serve import ServeConfig, serve
+
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(config_help(ServeConfig, "mathrl serve"))
+        return
+    serve(parse_config(ServeConfig, argv))
+
+
 def _env_help() -> str:
     from dataclasses import MISSING, fields
 
@@ -53,6 +62,7 @@ def _env_help() -> str:
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "train": (_train, "GRPO reinforcement learning with verifiable rewards"),
+    "serve": (_serve, "OpenAI-compatible chat server for a model, checkpoint or run"),
     "eval": (_eval, "benchmarks: pass@1 with 95% CI, pass@k, maj@k; several models -> ablation table"),
 }
 

@@ -19,17 +19,16 @@ What is guaranteed about reproducibility:
   our tests; with ``dtype=bf16`` they can differ (the sampler computes the prefix shared by a batch
   once and pads the rest, and bf16 rounding depends on those shapes): prefer fp32 when exact
   reproducibility matters (on a CPU it is also the faster one).
-- temperature > 0: a model call is seeded with the seed of the oldest request it serves, and the
-  random draws are shared by the whole batch. A request served alone (e.g. from a sequential client)
-  is reproducible for its seed; under concurrency its reply depends on what it was batched with.
-  Making each request's draws independent of its batch would need a per-request generator in the
-  sampler, which it does not have.
+- temperature > 0: every request draws from its own random streams (sample j of a request with
+  seed s uses seed s + j), so its reply does not depend on what it is batched with; a request
+  without a seed gets a random one. Same seed, same reply (up to the dtype note above).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -232,7 +231,7 @@ class Batcher:
                 max_tokens=s.max_tokens,
                 temperature=s.temperature,
                 top_p=s.top_p,
-                seed=batch[0].seed,
+                seeds=_seeds(batch, n),
             )
             per_request = _unflatten(batch, out, n)
             prompts = [self._count_prompt(p.conversation) for p in batch]
@@ -246,6 +245,14 @@ def _flatten(batch: Sequence[_Pending]) -> tuple[list[tuple[Message, ...]], int]
     if len(ns) == 1:
         return [p.conversation for p in batch], ns.pop()
     return [p.conversation for p in batch for _ in range(p.n)], 1
+
+
+def _seeds(batch: Sequence[_Pending], n: int) -> list[int]:
+    """Per-conversation seeds matching :func:`_flatten`: each request keeps its own random
+    streams (sample j of a request seeded s is drawn with seed s + j), whatever it is batched with."""
+    if all(p.n == n for p in batch):
+        return [p.seed for p in batch]
+    return [p.seed + j for p in batch for j in range(p.n)]
 
 
 def _unflatten(batch: Sequence[_Pending], out: list[list[Sample]], n: int) -> list[list[Sample]]:
@@ -444,7 +451,9 @@ def make_app(
         conversation = _parse_messages(req.messages)
         settings = _settings(req, max_tokens_limit)
         try:
-            served = await request.app.state.batcher.submit(conversation, req.n or 1, settings, req.seed or 0)
+            served = await request.app.state.batcher.submit(
+                conversation, req.n or 1, settings, req.seed if req.seed is not None else secrets.randbits(62)
+            )
         except Exception as e:  # a bug or an out-of-memory in the model: the client gets a 500 with the reason
             log.exception("generation failed")
             return _error(500, f"generation failed: {type(e).__name__}: {e}", None)

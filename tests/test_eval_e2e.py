@@ -90,3 +90,45 @@ def test_train_on_gsm8k_with_periodic_test_evaluation(tmp_path):
     evals = _jsonl(run / "eval" / "step_000002.jsonl")
     assert len(evals) == 4 and all(len(r["samples"]) == 2 for r in evals)
     assert "env/all/reward/total" in rows[0] and rows[0]["env/all/grader_timeouts"] == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_eval_through_mathrl_serve_matches_the_local_backend(tmp_path):
+    """A real HTTP server on loopback: same per-problem samples as running the model here."""
+    import time
+    import urllib.request
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mathrl.cli", "serve", f"port={port}", "served_model_name=smol"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read() if server.stderr else "server died"
+                assert time.time() < deadline, "server did not come up"
+                time.sleep(0.5)
+        common = [f"data_dir={SHARED}", "benchmarks=gsm8k", "limit=4", "max_tokens=32", "labels=x"]
+        for sampling in (["temperature=0"], ["temperature=0.8", "n=2", "seed=5"]):
+            local, remote = tmp_path / f"local{len(sampling)}", tmp_path / f"remote{len(sampling)}"
+            _mathrl("eval", *common, *sampling, f"output_dir={local}")
+            _mathrl("eval", *common, *sampling, f"output_dir={remote}", f"base_url=http://127.0.0.1:{port}/v1",
+                    "api_model=smol", "concurrency=4")  # fmt: skip
+            keys = ("text", "answer", "correct", "tokens", "finish_reason")
+            pick = lambda path: [[{k: s[k] for k in keys} for s in r["samples"]] for r in _jsonl(path)]  # noqa: E731
+            assert pick(remote / "x" / "gsm8k.jsonl") == pick(local / "x" / "gsm8k.jsonl"), sampling
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -5,14 +5,15 @@ endpoint) and the test evaluation inside ``mathrl train`` (the sampler's weights
 :class:`LocalBackend`), so both report the same numbers the same way. Each problem's
 row (every sample, its extracted answer, correct flag, token count, finish reason and
 vote key) is appended to a JSONL file as soon as its chunk is graded; a rerun reads the
-file and generates only the problems that are missing. Chunks are fixed slices of the
-problem list with their own seed, so a rerun that resumes after whole chunks samples
-what an uninterrupted run would have.
+file and generates only the problems that are missing. Each problem's samples come from
+their own random streams (seeded by the run seed and the problem id), so a resumed run,
+another chunk size or a served model samples what an uninterrupted local run would.
 """
 
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,8 @@ def evaluate(
 ) -> list[dict[str, Any]]:
     """Rows for ``items`` (in their order); with ``out_path``, resume from and append to it."""
     done: dict[str, dict[str, Any]] = {}
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
     if out_path is not None and out_path.exists():
         done = {row["id"]: row for row in read_jsonl(out_path)}
     for start in range(0, len(items), chunk_size):
@@ -85,7 +88,7 @@ def evaluate(
             max_tokens=settings.max_tokens,
             temperature=settings.temperature,
             top_p=settings.top_p,
-            seed=settings.seed + 1_000_003 * (start // chunk_size),
+            seeds=[problem_seed(settings.seed, item.id) for item in chunk],
         )
         flat = [(item, s) for item, outs in zip(chunk, samples, strict=True) for s in outs]
         all_grades = []
@@ -123,6 +126,11 @@ def evaluate(
         if on_chunk is not None:
             on_chunk(sum(item.id in done for item in items), len(items))
     return [done[item.id] for item in items]
+
+
+def problem_seed(seed: int, problem_id: str) -> int:
+    """A stable seed per (run seed, problem): sample j of the problem uses this + j."""
+    return zlib.crc32(f"{seed}:{problem_id}".encode()) * 1_000_003 % 2**62
 
 
 def vote_keys(answers: Sequence[str | None]) -> list[int | None]:

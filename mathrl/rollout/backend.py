@@ -40,8 +40,13 @@ class ChatBackend(Protocol):
         temperature: float,
         top_p: float = 1.0,
         seed: int = 0,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Sample]]:
-        """``n`` replies to each conversation (``result[i][j]``: conversation i, sample j)."""
+        """``n`` replies to each conversation (``result[i][j]``: conversation i, sample j).
+
+        With ``seeds``, sample j of conversation i is drawn from its own stream seeded
+        ``seeds[i] + j``: the same reply however the conversations are batched or split
+        (what evaluation needs to resume exactly). Without, ``seed`` seeds the call."""
         ...
 
 
@@ -67,11 +72,13 @@ class LocalBackend:
         temperature: float,
         top_p: float = 1.0,
         seed: int = 0,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Sample]]:
         rendered = [render_prompt(self.tokenizer, conv) for conv in conversations]
         prompts = [p for p in rendered for _ in range(n)]
+        row_seeds = [seeds[i] + j for i in range(len(conversations)) for j in range(n)] if seeds else None
         completions = self.sampler.sample(
-            prompts, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
+            prompts, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, row_seeds=row_seeds
         )
         samples = [
             Sample(

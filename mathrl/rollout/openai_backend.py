@@ -89,10 +89,13 @@ class OpenAIBackend:
         temperature: float,
         top_p: float = 1.0,
         seed: int = 0,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Sample]]:
         """``n`` replies to each conversation (``result[i][j]``: conversation i, sample j)."""
         return _run_sync(
-            self.agenerate(conversations, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+            self.agenerate(
+                conversations, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, seeds=seeds
+            )
         )
 
     async def agenerate(
@@ -104,6 +107,7 @@ class OpenAIBackend:
         temperature: float,
         top_p: float = 1.0,
         seed: int = 0,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Sample]]:
         """:meth:`generate` for callers that already run an event loop. The first failure cancels the rest."""
         semaphore = asyncio.Semaphore(self.concurrency)
@@ -112,7 +116,9 @@ class OpenAIBackend:
         async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits, headers=headers) as client:
 
             async def one(i: int, conversation: Sequence[Message]) -> list[Sample]:
-                payload = self._payload(conversation, n, max_tokens, temperature, top_p, seed + i)
+                payload = self._payload(
+                    conversation, n, max_tokens, temperature, top_p, seeds[i] if seeds else seed + i
+                )
                 async with semaphore:
                     body = await self._post(client, payload)
                 return _samples(body, n, self.url)

@@ -28,7 +28,14 @@ from mathrl.types import Completion
 
 class Sampler(Protocol):
     def sample(
-        self, prompts: Sequence[Sequence[int]], *, max_tokens: int, temperature: float, seed: int, top_p: float = 1.0
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int,
+        top_p: float = 1.0,
+        row_seeds: Sequence[int] | None = None,
     ) -> list[Completion]: ...
 
 
@@ -42,8 +49,20 @@ class TorchSampler:
         self.max_batch = max_batch
 
     def sample(
-        self, prompts: Sequence[Sequence[int]], *, max_tokens: int, temperature: float, seed: int, top_p: float = 1.0
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int,
+        top_p: float = 1.0,
+        row_seeds: Sequence[int] | None = None,
     ) -> list[Completion]:
+        """One completion per prompt. ``seed`` seeds one random stream for the whole call;
+        with ``row_seeds`` each prompt draws from its own stream instead, so its sample does
+        not depend on what else is in the batch (evaluation, serving)."""
+        if row_seeds is not None and len(row_seeds) != len(prompts):
+            raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {len(prompts)} prompts")
         generator = torch.Generator().manual_seed(seed)
         results: list[Completion | None] = [None] * len(prompts)
         # Group identical prompts so each is prefilled once; chunk to bound memory.
@@ -59,7 +78,12 @@ class TorchSampler:
             chunks[-1].append(item)
             filled += len(item[1])
         for chunk in chunks:
-            outs = self._sample_chunk(chunk, max_tokens, temperature, top_p, generator)
+            rows = (
+                [torch.Generator().manual_seed(row_seeds[i] % 2**63) for _, ix in chunk for i in ix]
+                if row_seeds is not None
+                else None
+            )
+            outs = self._sample_chunk(chunk, max_tokens, temperature, top_p, rows or generator)
             for (_, ix), comps in zip(chunk, outs, strict=True):
                 for i, c in zip(ix, comps, strict=True):
                     results[i] = c
@@ -73,7 +97,7 @@ class TorchSampler:
         max_tokens: int,
         temperature: float,
         top_p: float,
-        generator: torch.Generator,
+        generator: torch.Generator | list[torch.Generator],
     ) -> list[list[Completion]]:
         prompts = [p for p, _ in chunk]
         counts = torch.tensor([len(ix) for _, ix in chunk])
@@ -153,10 +177,11 @@ def _common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
 
 
 def _draw(
-    logits_BV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+    logits_BV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | list[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row; return (tokens [B], logprobs [B]) of the sampled
-    distribution (after temperature and the top-p nucleus cut, renormalised)."""
+    distribution (after temperature and the top-p nucleus cut, renormalised). With a list
+    of generators, row b draws from generator b."""
     if temperature <= 0:
         logp_BV = torch.log_softmax(logits_BV, dim=-1)
         tok_B = logp_BV.argmax(dim=-1)
@@ -164,7 +189,11 @@ def _draw(
         logp_BV = torch.log_softmax(logits_BV / temperature, dim=-1)
         if top_p < 1.0:
             logp_BV = _nucleus(logp_BV, top_p)
-        tok_B = torch.multinomial(logp_BV.exp(), 1, generator=generator).squeeze(-1)
+        probs_BV = logp_BV.exp()
+        if isinstance(generator, list):
+            tok_B = torch.cat([torch.multinomial(probs_BV[b], 1, generator=g) for b, g in enumerate(generator)])
+        else:
+            tok_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
     return tok_B, logp_BV.gather(-1, tok_B[:, None]).squeeze(-1)
 
 
