@@ -35,7 +35,8 @@ def _untimed(path: Path) -> list[dict]:
 
 def test_eval_writes_rows_summaries_and_an_ablation_table_and_resumes(tmp_path):
     out = tmp_path / "ev"
-    common = [f"data_dir={SHARED}", "limit=3", "n=2", "temperature=0.8", "max_tokens=24", f"output_dir={out}"]
+    common = [f"data_dir={SHARED}", "limit=3", "n=2", "temperature=0.8", "max_tokens=24", "dtype=fp32",
+              f"output_dir={out}"]  # fmt: skip
     run = _mathrl("eval", "benchmarks=gsm8k,math500", "model=embedded:SmolLM2-135M-Instruct,"
                   "embedded:SmolLM2-135M-Instruct", "labels=base,again", *common)  # fmt: skip
     assert "| base |" in run.stdout and "| again |" in run.stdout
@@ -120,7 +121,7 @@ def test_eval_through_mathrl_serve_matches_the_local_backend(tmp_path):
                 assert server.poll() is None, server.stderr.read() if server.stderr else "server died"
                 assert time.time() < deadline, "server did not come up"
                 time.sleep(0.5)
-        common = [f"data_dir={SHARED}", "benchmarks=gsm8k", "limit=4", "max_tokens=32", "labels=x"]
+        common = [f"data_dir={SHARED}", "benchmarks=gsm8k", "limit=4", "max_tokens=32", "labels=x", "dtype=fp32"]
         for sampling in (["temperature=0"], ["temperature=0.8", "n=2", "seed=5"]):
             local, remote = tmp_path / f"local{len(sampling)}", tmp_path / f"remote{len(sampling)}"
             _mathrl("eval", *common, *sampling, f"output_dir={local}")

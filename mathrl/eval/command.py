@@ -59,8 +59,9 @@ class EvalConfig:
     few_shot: int = field(default=0, metadata=_help("Solved examples before each problem (0-2).", min=0, max=2))
     system_prompt: str = field(default="", metadata=_help("Optional system message."))
     style: str = field(default="", metadata=_help("Answer extraction: boxed or gsm8k (default: by benchmark)."))
-    dtype: Literal["fp32", "bf16"] = field(
-        default="fp32", metadata=_help("Weights dtype of local models (fp32: the same answers however batched).")
+    dtype: Literal["bf16", "fp32"] = field(
+        default="bf16",
+        metadata=_help("Local weights: bf16 is ~3x faster on CPU; fp32 gives the same answers however batched."),
     )
     chunk_size: int = field(default=64, metadata=_help("Problems per generation call (local models).", min=1))
     base_url: str = field(default="", metadata=_help("OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."))
