@@ -85,7 +85,7 @@ def test_unknown_names_splits_and_levels_are_explained(tmp_path):
         load_problems("mth500")
     with pytest.raises(DataError, match="no split 'validation'"):
         load_problems("gsm8k", "validation", data_dir=tmp_path)
-    with pytest.raises(DataError, match="no local file .* `datasets` package"):
+    with pytest.raises(DataError, match=r"no local file .* `datasets` package"):
         load_problems("aime2025", data_dir=tmp_path)
     path = tmp_path / "l.jsonl"
     path.write_text('{"problem": "a", "answer": "1", "level": "hard"}\n')
@@ -109,7 +109,7 @@ def test_math_env_batches_are_a_pure_function_of_the_step_and_cover_an_epoch():
 def test_env_equals_a_file_is_a_math_env_over_it(tmp_path):
     path = tmp_path / "tiny.jsonl"
     path.write_text("".join(json.dumps({"problem": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(6)))
-    data, options = make_dataset(str(path), {"test_dataset": str(path), "few_shot": 1}, groups_per_batch=2, seed=0)
+    data, _ = make_dataset(str(path), {"test_dataset": str(path), "few_shot": 1}, groups_per_batch=2, seed=0)
     builder = data.get_batch(0)[0]
     assert [m.role for m in builder.messages] == ["user", "assistant", "user"]  # one solved example first
     with pytest.raises(ValueError, match="env_args.levls: not an option"):

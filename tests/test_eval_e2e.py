@@ -133,3 +133,22 @@ def test_eval_through_mathrl_serve_matches_the_local_backend(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_eval_reads_a_lora_checkpoint_and_a_run_directory(tmp_path):
+    """RL run -> its LoRA checkpoint merged for inference; a run dir means its latest checkpoint."""
+    run = tmp_path / "rl"
+    _mathrl("train", "max_steps=1", "group_size=4", "groups_per_batch=2", "max_tokens=6", "env_args.max_operand=9",
+            "env_args.test_size=8", "eval_every=0", f"log_path={run}")  # fmt: skip
+    checkpoint = run / "checkpoints" / "step_000001"
+    assert (checkpoint / "adapter_config.json").exists()
+    bench = tmp_path / "sums.jsonl"
+    bench.write_text("".join(json.dumps({"id": f"s{i}", "problem": f"What is {i} + 2?", "answer": str(i + 2)}) + "\n"
+                             for i in range(4)))  # fmt: skip
+    out = tmp_path / "ev"
+    result = _mathrl("eval", f"benchmarks={bench}", f"model=embedded:SmolLM2-135M-Instruct,{checkpoint},{run}",
+                     "labels=base,ckpt,run", "max_tokens=8", "style=gsm8k", "suffix=", f"output_dir={out}")  # fmt: skip
+    table = json.loads((out / "ablation.json").read_text())
+    assert list(table) == ["base", "ckpt", "run"], result.stdout
+    # the run directory resolves to the same (latest) checkpoint: same greedy answers
+    assert _untimed(out / "run" / "sums.jsonl") == _untimed(out / "ckpt" / "sums.jsonl")
