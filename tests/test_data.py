@@ -112,5 +112,5 @@ def test_env_equals_a_file_is_a_math_env_over_it(tmp_path):
     data, _ = make_dataset(str(path), {"test_dataset": str(path), "few_shot": 1}, groups_per_batch=2, seed=0)
     builder = data.get_batch(0)[0]
     assert [m.role for m in builder.messages] == ["user", "assistant", "user"]  # one solved example first
-    with pytest.raises(ValueError, match="env_args.levls: not an option"):
+    with pytest.raises(ValueError, match=r"env_args\.levls: not an option"):
         make_dataset(str(path), {"levls": "4"}, groups_per_batch=2, seed=0)

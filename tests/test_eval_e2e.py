@@ -93,6 +93,11 @@ def test_train_on_gsm8k_with_periodic_test_evaluation(tmp_path):
     assert "env/all/reward/total" in rows[0] and rows[0]["env/all/grader_timeouts"] == 0
 
 
+def _samples(path: Path) -> list[list[dict]]:
+    keys = ("text", "answer", "correct", "tokens", "finish_reason")
+    return [[{k: s[k] for k in keys} for s in row["samples"]] for row in _jsonl(path)]
+
+
 def _free_port() -> int:
     import socket
 
@@ -127,9 +132,7 @@ def test_eval_through_mathrl_serve_matches_the_local_backend(tmp_path):
             _mathrl("eval", *common, *sampling, f"output_dir={local}")
             _mathrl("eval", *common, *sampling, f"output_dir={remote}", f"base_url=http://127.0.0.1:{port}/v1",
                     "api_model=smol", "concurrency=4")  # fmt: skip
-            keys = ("text", "answer", "correct", "tokens", "finish_reason")
-            pick = lambda path: [[{k: s[k] for k in keys} for s in r["samples"]] for r in _jsonl(path)]  # noqa: E731
-            assert pick(remote / "x" / "gsm8k.jsonl") == pick(local / "x" / "gsm8k.jsonl"), sampling
+            assert _samples(remote / "x" / "gsm8k.jsonl") == _samples(local / "x" / "gsm8k.jsonl"), sampling
     finally:
         server.terminate()
         server.wait(timeout=30)
