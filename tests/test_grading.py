@@ -83,6 +83,8 @@ def test_labelled_suite_passes(suite_verdicts):
         ("#### 5 but The answer is: 6", "gsm8k", "6"),
         ("The answer is 6. \\boxed{7}", "gsm8k", "7"),
         ("She has 18 eggs.", "gsm8k", None),
+        ("So the answer is 2 + 4 = 6 bolts.", "gsm8k", "6"),
+        ("The answer is $2 x 9 = $18.", "gsm8k", "18"),
         ("12 + 30 = 42", "last_number", "42"),
     ],
 )

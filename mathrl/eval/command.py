@@ -71,6 +71,7 @@ class EvalConfig:
     max_retries: int = field(default=5, metadata=_help("Retries of a failed request (429, 5xx, network).", min=0))
     timeout_s: float = field(default=300.0, metadata=_help("Per-request timeout in seconds.", min=1))
     grading_timeout: float = field(default=2.0, metadata=_help("Wall-clock limit per answer comparison.", min=0.1))
+    regrade: bool = field(default=False, metadata=_help("Grade finished problems again with the current grader."))
     output_dir: str = field(default="", metadata=_help("Where results go (default runs/eval-<time>); reuse to resume."))
 
 
@@ -146,6 +147,7 @@ def _run_one(
             chunk_size=cfg.chunk_size,
             grading_timeout=cfg.grading_timeout,
             on_chunk=lambda done, total: progress.update(task, completed=done),
+            regrade=cfg.regrade,
         )
     summary = summarize(bench, to_results(rows))
     atomic_write_text(folder / f"{bench}.summary.json", json.dumps(asdict(summary), indent=2) + "\n")

@@ -24,7 +24,7 @@ from mathrl.grading import answers_match, grade_batch
 from mathrl.grading.normalize import normalize
 from mathrl.prompts import math_messages
 from mathrl.rollout.backend import ChatBackend
-from mathrl.tracking import append_jsonl, read_jsonl
+from mathrl.tracking import append_jsonl, read_jsonl, write_jsonl
 from mathrl.types import Message, Problem
 
 
@@ -70,13 +70,20 @@ def evaluate(
     chunk_size: int = 64,
     grading_timeout: float = 2.0,
     on_chunk: Callable[[int, int], None] | None = None,
+    regrade: bool = False,
 ) -> list[dict[str, Any]]:
-    """Rows for ``items`` (in their order); with ``out_path``, resume from and append to it."""
+    """Rows for ``items`` (in their order); with ``out_path``, resume from and append to it.
+    ``regrade`` grades the finished rows' texts again with the current grader (after a
+    grader fix or a corrected reference) instead of trusting their stored verdicts."""
     done: dict[str, dict[str, Any]] = {}
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     if out_path is not None and out_path.exists():
         done = {row["id"]: row for row in read_jsonl(out_path)}
+        if regrade:
+            styles = {item.id: item.style for item in items}
+            done = {pid: regraded(row, styles.get(pid, "boxed"), grading_timeout) for pid, row in done.items()}
+            write_jsonl(out_path, list(done.values()))
     for start in range(0, len(items), chunk_size):
         chunk = [item for item in items[start : start + chunk_size] if item.id not in done]
         if not chunk:
@@ -126,6 +133,22 @@ def evaluate(
         if on_chunk is not None:
             on_chunk(sum(item.id in done for item in items), len(items))
     return [done[item.id] for item in items]
+
+
+def regraded(row: dict[str, Any], style: str, timeout: float) -> dict[str, Any]:
+    """``row`` with answers, correct flags and vote keys recomputed from its sample texts."""
+    texts = [sample["text"] for sample in row["samples"]]
+    grades = grade_batch(texts, [row["reference"]] * len(texts), style=style, timeout=timeout)
+    samples = [
+        {**sample, "answer": g.answer, "correct": g.correct, "grader_timeout": g.timed_out}
+        for sample, g in zip(row["samples"], grades, strict=True)
+    ]
+    return {
+        **row,
+        "samples": samples,
+        "correct": [g.correct for g in grades],
+        "votes": vote_keys([g.answer for g in grades]),
+    }
 
 
 def problem_seed(seed: int, problem_id: str) -> int:

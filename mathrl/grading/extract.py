@@ -20,8 +20,11 @@ STYLES = ("boxed", "gsm8k", "last_number")
 _BOX = re.compile(r"\\(?:boxed|fbox)\b")
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
 _HASHES = re.compile(r"####[ \t]*([^\n]*\S)")  # the rest of the line: "#### 18 or 19" is hedged
+_MONEY = r"(?:\\\$\s*|\$\s*)?"
+# "The answer is 18", "answer: $18", "the answer is 2 + 4 = 6" (the value after the last "=")
 _ANSWER_IS = re.compile(
-    r"answer\**\s*(?:is\b|:)[\s*:]*(?:\$|\\\(|\\\[)?\s*(?:\\\$\s*|\$\s*)?(" + _NUMBER + r")",
+    r"answer\**\s*(?:is\b|:)[\s*:]*(?:\$|\\\(|\\\[)?\s*" + _MONEY + r"(?P<first>" + _NUMBER + r")"
+    r"(?:(?:\s*[-+*/×x÷]\s*" + _MONEY + r"(?:" + _NUMBER + r"))*\s*=\s*" + _MONEY + r"(?P<last>" + _NUMBER + r"))?",
     re.IGNORECASE,
 )
 _LAST_NUMBER = re.compile(_NUMBER)
@@ -52,10 +55,12 @@ def _find(text: str, style: str) -> tuple[int, str] | None:
         last = boxes[-1]
         candidates.append((last.start(), _box_content(text, last.end())))
     if style == "gsm8k":
-        for pattern in (_HASHES, _ANSWER_IS):
-            matches = list(pattern.finditer(text))
-            if matches:
-                candidates.append((matches[-1].start(), matches[-1].group(1)))
+        hashes = list(_HASHES.finditer(text))
+        if hashes:
+            candidates.append((hashes[-1].start(), hashes[-1].group(1)))
+        stated = list(_ANSWER_IS.finditer(text))
+        if stated:
+            candidates.append((stated[-1].start(), stated[-1].group("last") or stated[-1].group("first")))
     if not candidates:
         return None
     position, answer = max(candidates, key=lambda c: c[0])
