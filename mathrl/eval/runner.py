@@ -84,6 +84,8 @@ def evaluate(
             styles = {item.id: item.style for item in items}
             done = {pid: regraded(row, styles.get(pid, "boxed"), grading_timeout) for pid, row in done.items()}
             write_jsonl(out_path, list(done.values()))
+    if on_chunk is not None:
+        on_chunk(sum(item.id in done for item in items), len(items))
     for start in range(0, len(items), chunk_size):
         chunk = [item for item in items[start : start + chunk_size] if item.id not in done]
         if not chunk:
