@@ -180,11 +180,11 @@ def test_only_equal_settings_share_a_call(server: tuple[str, CountingBackend]) -
 
 
 def test_sampled_request_served_alone_is_reproducible(server: tuple[str, CountingBackend], local: LocalBackend) -> None:
-    """At temperature > 0 a request that is not batched with others is seeded with its own seed."""
+    """At temperature > 0 a request draws from its own streams: sample j of seed s uses s + j."""
     url, _ = server
     body = _request(QUESTIONS[1], n=2, max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
     choices = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()["choices"]
-    direct = local.generate([CONVERSATIONS[1]], n=2, max_tokens=8, temperature=1.0, top_p=0.9, seed=7)[0]
+    direct = local.generate([CONVERSATIONS[1]], n=2, max_tokens=8, temperature=1.0, top_p=0.9, seeds=[7])[0]
     assert [c["message"]["content"] for c in choices] == [s.text for s in direct]
 
 

@@ -85,7 +85,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, list[BenchmarkSummary]]:
     atomic_write_text(out_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
     console = Console()
     benchmarks = [b.strip() for b in cfg.benchmarks.split(",") if b.strip()]
-    problem_sets = {b: _problems(cfg, b) for b in benchmarks}
+    problem_sets = {_bench_name(b): _problems(cfg, b) for b in benchmarks}
     results: dict[str, list[BenchmarkSummary]] = {}
     for label, make_backend in _models(cfg):
         backend = make_backend()
@@ -97,6 +97,12 @@ def run_eval(cfg: EvalConfig) -> dict[str, list[BenchmarkSummary]]:
     console.print(markdown, markup=False, highlight=False)
     console.print(f"\nresults: {out_dir}")
     return results
+
+
+def _bench_name(spec: str) -> str:
+    """The name a benchmark's files and table column get: a file's stem, else the name."""
+    path = Path(spec)
+    return path.stem if path.suffix in (".jsonl", ".json", ".csv", ".parquet") else spec.replace("/", "__")
 
 
 def _problems(cfg: EvalConfig, bench: str) -> list[Any]:
