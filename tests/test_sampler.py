@@ -88,3 +88,20 @@ def test_tiny_top_p_samples_the_greedy_tokens(tiny_model):
     nucleus = sampler.sample(prompts, max_tokens=6, temperature=1.0, top_p=1e-6, seed=0)
     assert [c.tokens_T for c in greedy] == [c.tokens_T for c in nucleus]
     assert all(abs(lp) < 1e-5 for c in nucleus for lp in c.logprobs_T)
+
+
+def test_per_row_seeds_make_samples_independent_of_the_batch_even_when_rows_leave_it(tiny_model):
+    """With row seeds a finished row leaves the batch (cache compaction); every row must
+    still be exactly what it is when sampled alone."""
+    sampler = TorchSampler(tiny_model, eos_token_ids=[1, 3, 5, 7, 11, 13], pad_token_id=0)
+    prompts = [[20 + i, 30 + 2 * i, 40] for i in range(8)]
+    seeds = [100 + 7 * i for i in range(8)]
+    batched = sampler.sample(prompts, max_tokens=24, temperature=1.0, seed=0, row_seeds=seeds)
+    alone = [
+        sampler.sample([p], max_tokens=24, temperature=1.0, seed=0, row_seeds=[s])[0] for p, s in zip(prompts, seeds)
+    ]
+    assert [c.tokens_T for c in batched] == [c.tokens_T for c in alone]
+    for b, a in zip(batched, alone):
+        assert b.logprobs_T == pytest.approx(a.logprobs_T, abs=1e-4)
+    lengths = {len(c.tokens_T) for c in batched}
+    assert len(lengths) > 2 and min(lengths) < 12, lengths  # rows did finish at different steps

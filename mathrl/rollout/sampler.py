@@ -136,20 +136,32 @@ class TorchSampler:
         mask_BL = mask_UL[expand_B]
         next_pos_B = positions_UL[expand_B, -1] + 1
         batch = len(expand_B)
-        tokens: list[torch.Tensor] = []
-        logprobs: list[torch.Tensor] = []
-        done_B = torch.zeros(batch, dtype=torch.bool)
+        tokens_BT = torch.full((batch, max_tokens), self.pad_token_id, dtype=torch.long)
+        logprobs_BT = torch.zeros((batch, max_tokens))
+        # Rows still decoding: ``live`` maps them to their output row. With per-row random
+        # streams a finished row can leave the batch (no other row's draws depend on it):
+        # once a quarter of the live rows are done, the cache is compacted to the rest.
+        live = torch.arange(batch)
+        done_L = torch.zeros(batch, dtype=torch.bool)
+        steps = 0
         for step in range(max_tokens):
-            tok_B, lp_B = _draw(logits_BV, temperature, top_p, generator)
-            tok_B = torch.where(done_B, self.pad_token_id, tok_B)
-            tokens.append(tok_B)
-            logprobs.append(lp_B)
-            done_B = done_B | torch.isin(tok_B, self.eos_token_ids)
-            if bool(done_B.all()) or step == max_tokens - 1:
+            tok_L, lp_L = _draw(logits_BV, temperature, top_p, generator)
+            tok_L = torch.where(done_L, self.pad_token_id, tok_L)
+            tokens_BT[live, step] = tok_L
+            logprobs_BT[live, step] = lp_L
+            steps = step + 1
+            done_L = done_L | torch.isin(tok_L, self.eos_token_ids)
+            if bool(done_L.all()) or step == max_tokens - 1:
                 break
-            mask_BL = torch.cat([mask_BL, torch.ones((batch, 1), dtype=torch.long)], dim=1)
+            if isinstance(generator, list) and int(done_L.sum()) * 4 >= len(live):
+                keep = (~done_L).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                live, tok_L, done_L = live[keep], tok_L[keep], done_L[keep]
+                mask_BL, next_pos_B = mask_BL[keep], next_pos_B[keep]
+                generator = [generator[i] for i in keep.tolist()]
+            mask_BL = torch.cat([mask_BL, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
             out = self.model(
-                input_ids=tok_B[:, None],
+                input_ids=tok_L[:, None],
                 attention_mask=mask_BL,
                 position_ids=next_pos_B[:, None],
                 past_key_values=cache,
@@ -157,8 +169,7 @@ class TorchSampler:
             )
             next_pos_B = next_pos_B + 1
             logits_BV = out.logits[:, -1].float()
-        tokens_BT = torch.stack(tokens, dim=1)
-        logprobs_BT = torch.stack(logprobs, dim=1)
+        tokens_BT, logprobs_BT = tokens_BT[:, :steps], logprobs_BT[:, :steps]
         completions = [_to_completion(tokens_BT[b], logprobs_BT[b], self.eos_token_ids) for b in range(batch)]
         grouped, start = [], 0
         for c in counts.tolist():
