@@ -98,10 +98,11 @@ def test_per_row_seeds_make_samples_independent_of_the_batch_even_when_rows_leav
     seeds = [100 + 7 * i for i in range(8)]
     batched = sampler.sample(prompts, max_tokens=24, temperature=1.0, seed=0, row_seeds=seeds)
     alone = [
-        sampler.sample([p], max_tokens=24, temperature=1.0, seed=0, row_seeds=[s])[0] for p, s in zip(prompts, seeds)
+        sampler.sample([p], max_tokens=24, temperature=1.0, seed=0, row_seeds=[s])[0]
+        for p, s in zip(prompts, seeds, strict=True)
     ]
     assert [c.tokens_T for c in batched] == [c.tokens_T for c in alone]
-    for b, a in zip(batched, alone):
+    for b, a in zip(batched, alone, strict=True):
         assert b.logprobs_T == pytest.approx(a.logprobs_T, abs=1e-4)
     lengths = {len(c.tokens_T) for c in batched}
     assert len(lengths) > 2 and min(lengths) < 12, lengths  # rows did finish at different steps
