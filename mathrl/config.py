@@ -36,6 +36,11 @@ class ConfigError(ValueError):
     """A user mistake in the configuration; the message names the key, its source and the expectation."""
 
 
+def option(text: str, **extra: Any) -> dict[str, Any]:
+    """Field metadata: ``field(default=1, metadata=option("Help text.", min=1))``."""
+    return {"help": text, **extra}
+
+
 def _optional_inner(tp: Any) -> Any:
     """Return ``X`` for an ``X | None`` annotation, None for any other annotation."""
     if get_origin(tp) not in (Union, types.UnionType):

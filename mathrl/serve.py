@@ -44,6 +44,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mathrl.config import option
 from mathrl.types import Message, Role
 
 if TYPE_CHECKING:
@@ -66,35 +67,32 @@ _ROLES: dict[str, Role] = {
 }
 
 
-def _help(text: str, **extra: Any) -> Any:
-    return {"help": text, **extra}
-
-
 @dataclass(frozen=True)
 class ServeConfig:
     """Every knob of ``mathrl serve``."""
 
     model: str = field(
         default=_EMBEDDED_MODEL,
-        metadata=_help("HF hub id, local HF directory, mathrl checkpoint or run directory, or the embedded model."),
+        metadata=option("HF hub id, local HF directory, mathrl checkpoint or run directory, or the embedded model."),
     )
-    host: str = field(default="127.0.0.1", metadata=_help("Address to listen on (0.0.0.0 = every interface)."))
-    port: int = field(default=8000, metadata=_help("TCP port.", min=0, max=65535))
+    host: str = field(default="127.0.0.1", metadata=option("Address to listen on (0.0.0.0 = every interface)."))
+    port: int = field(default=8000, metadata=option("TCP port.", min=0, max=65535))
     dtype: Literal["bf16", "fp32"] = field(
-        default="fp32", metadata=_help("Weights dtype; fp32 keeps greedy replies independent of batching.")
+        default="fp32", metadata=option("Weights dtype; fp32 keeps greedy replies independent of batching.")
     )
-    max_batch: int = field(default=64, metadata=_help("Most sequences (requests x n) one model call serves.", min=1))
+    max_batch: int = field(default=64, metadata=option("Most sequences (requests x n) one model call serves.", min=1))
     served_model_name: str | None = field(
-        default=None, metadata=_help("Model id clients send and /v1/models lists (default: the model value).")
+        default=None, metadata=option("Model id clients send and /v1/models lists (default: the model value).")
     )
     max_tokens_limit: int = field(
-        default=1024, metadata=_help("Largest max_tokens a request may ask for; the default when it gives none.", min=1)
+        default=1024,
+        metadata=option("Largest max_tokens a request may ask for; the default when it gives none.", min=1),
     )
     num_threads: int | None = field(
-        default=None, metadata=_help("torch CPU threads (default: all cores; fewer when others share them).", min=1)
+        default=None, metadata=option("torch CPU threads (default: all cores; fewer when others share them).", min=1)
     )
     batch_window_ms: float = field(
-        default=5.0, metadata=_help("An idle server waits this long for more requests to batch.", min=0)
+        default=5.0, metadata=option("An idle server waits this long for more requests to batch.", min=0)
     )
 
 

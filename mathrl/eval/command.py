@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mathrl.config import option
 from mathrl.data.datasets import DataError, load_problems
 from mathrl.eval.metrics import BenchmarkSummary, summarize
 from mathrl.eval.report import write_reports
@@ -33,46 +34,44 @@ from mathrl.rollout.backend import ChatBackend, LocalBackend
 from mathrl.tracking import atomic_write_text
 
 
-def _help(text: str, **extra: Any) -> Any:
-    return {"help": text, **extra}
-
-
 @dataclass(frozen=True)
 class EvalConfig:
     """Every knob of ``mathrl eval``."""
 
     model: str = field(
         default=EMBEDDED_MODEL,
-        metadata=_help("Model(s), comma-separated: hub id, local HF dir, mathrl checkpoint or run dir."),
+        metadata=option("Model(s), comma-separated: hub id, local HF dir, mathrl checkpoint or run dir."),
     )
-    labels: str = field(default="", metadata=_help("Row names for the models, comma-separated (default: derived)."))
-    benchmarks: str = field(default="math500", metadata=_help("Comma-separated dataset names or files."))
-    split: str = field(default="test", metadata=_help("Split of each benchmark."))
-    data_dir: str = field(default="", metadata=_help("Directory with the local dataset files (or $MATHRL_DATA_DIR)."))
-    limit: int = field(default=0, metadata=_help("Only the first N problems of each benchmark (0 = all).", min=0))
-    n: int = field(default=1, metadata=_help("Samples per problem.", min=1))
-    temperature: float = field(default=0.0, metadata=_help("Sampling temperature (0 = greedy).", min=0))
-    top_p: float = field(default=1.0, metadata=_help("Nucleus sampling mass.", min=0, max=1))
-    max_tokens: int = field(default=1024, metadata=_help("Max new tokens per sample.", min=1))
-    seed: int = field(default=0, metadata=_help("Sampling seed."))
-    suffix: str = field(default=TINKER_SUFFIX, metadata=_help("Text appended to each problem."))
-    few_shot: int = field(default=0, metadata=_help("Solved examples before each problem (0-2).", min=0, max=2))
-    system_prompt: str = field(default="", metadata=_help("Optional system message."))
-    style: str = field(default="", metadata=_help("Answer extraction: boxed or gsm8k (default: by benchmark)."))
+    labels: str = field(default="", metadata=option("Row names for the models, comma-separated (default: derived)."))
+    benchmarks: str = field(default="math500", metadata=option("Comma-separated dataset names or files."))
+    split: str = field(default="test", metadata=option("Split of each benchmark."))
+    data_dir: str = field(default="", metadata=option("Directory with the local dataset files (or $MATHRL_DATA_DIR)."))
+    limit: int = field(default=0, metadata=option("Only the first N problems of each benchmark (0 = all).", min=0))
+    n: int = field(default=1, metadata=option("Samples per problem.", min=1))
+    temperature: float = field(default=0.0, metadata=option("Sampling temperature (0 = greedy).", min=0))
+    top_p: float = field(default=1.0, metadata=option("Nucleus sampling mass.", min=0, max=1))
+    max_tokens: int = field(default=1024, metadata=option("Max new tokens per sample.", min=1))
+    seed: int = field(default=0, metadata=option("Sampling seed."))
+    suffix: str = field(default=TINKER_SUFFIX, metadata=option("Text appended to each problem."))
+    few_shot: int = field(default=0, metadata=option("Solved examples before each problem (0-2).", min=0, max=2))
+    system_prompt: str = field(default="", metadata=option("Optional system message."))
+    style: str = field(default="", metadata=option("Answer extraction: boxed or gsm8k (default: by benchmark)."))
     dtype: Literal["bf16", "fp32"] = field(
         default="bf16",
-        metadata=_help("Local weights: bf16 is ~3x faster on CPU; fp32 gives the same answers however batched."),
+        metadata=option("Local weights: bf16 is ~3x faster on CPU; fp32 gives the same answers however batched."),
     )
-    chunk_size: int = field(default=64, metadata=_help("Problems per generation call (local models).", min=1))
-    base_url: str = field(default="", metadata=_help("OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."))
-    api_model: str = field(default="", metadata=_help("Model name at base_url."))
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata=_help("Env var holding the endpoint's API key."))
-    concurrency: int = field(default=8, metadata=_help("Parallel requests to the endpoint.", min=1))
-    max_retries: int = field(default=5, metadata=_help("Retries of a failed request (429, 5xx, network).", min=0))
-    timeout_s: float = field(default=300.0, metadata=_help("Per-request timeout in seconds.", min=1))
-    grading_timeout: float = field(default=2.0, metadata=_help("Wall-clock limit per answer comparison.", min=0.1))
-    regrade: bool = field(default=False, metadata=_help("Grade finished problems again with the current grader."))
-    output_dir: str = field(default="", metadata=_help("Where results go (default runs/eval-<time>); reuse to resume."))
+    chunk_size: int = field(default=64, metadata=option("Problems per generation call (local models).", min=1))
+    base_url: str = field(default="", metadata=option("OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."))
+    api_model: str = field(default="", metadata=option("Model name at base_url."))
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata=option("Env var holding the endpoint's API key."))
+    concurrency: int = field(default=8, metadata=option("Parallel requests to the endpoint.", min=1))
+    max_retries: int = field(default=5, metadata=option("Retries of a failed request (429, 5xx, network).", min=0))
+    timeout_s: float = field(default=300.0, metadata=option("Per-request timeout in seconds.", min=1))
+    grading_timeout: float = field(default=2.0, metadata=option("Wall-clock limit per answer comparison.", min=0.1))
+    regrade: bool = field(default=False, metadata=option("Grade finished problems again with the current grader."))
+    output_dir: str = field(
+        default="", metadata=option("Where results go (default runs/eval-<time>); reuse to resume.")
+    )
 
 
 _GENERATION_KEYS = ("split", "n", "temperature", "top_p", "max_tokens", "seed", "suffix", "few_shot",

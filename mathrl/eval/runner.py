@@ -100,17 +100,16 @@ def evaluate(
             seeds=[problem_seed(settings.seed, item.id) for item in chunk],
         )
         flat = [(item, s) for item, outs in zip(chunk, samples, strict=True) for s in outs]
-        all_grades = []
-        for style in sorted({item.style for item in chunk}):  # one parallel grading call per answer style
-            picked = [(k, item, s) for k, (item, s) in enumerate(flat) if item.style == style]
-            graded = grade_batch([s.text for _, _, s in picked], [i.reference for _, i, _ in picked], style=style,
-                                 timeout=grading_timeout)  # fmt: skip
-            all_grades += list(zip((k for k, _, _ in picked), graded, strict=True))
-        by_index = dict(all_grades)
-        offset = 0
+        graded = iter(
+            grade_batch(
+                [s.text for _, s in flat],
+                [item.reference for item, _ in flat],
+                style=[item.style for item, _ in flat],
+                timeout=grading_timeout,
+            )
+        )
         for item, outs in zip(chunk, samples, strict=True):
-            grades = [by_index[offset + j] for j in range(len(outs))]
-            offset += len(outs)
+            grades = [next(graded) for _ in outs]
             row = {
                 "id": item.id,
                 "reference": item.reference,

@@ -60,10 +60,18 @@ def grade_response(response: str, reference: str, style: str = "boxed", timeout:
 
 
 def grade_batch(
-    responses: Sequence[str], references: Sequence[str], *, style: str = "boxed", timeout: float = DEFAULT_TIMEOUT
+    responses: Sequence[str],
+    references: Sequence[str],
+    *,
+    style: str | Sequence[str] = "boxed",
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> list[Grade]:
-    """:func:`grade_response` for many pairs; symbolic work runs in parallel workers."""
-    answers = [extract_answer(r, style) for r in responses]
+    """:func:`grade_response` for many pairs; symbolic work runs in parallel workers.
+    ``style`` is one answer style for all, or one per response."""
+    styles = [style] * len(responses) if isinstance(style, str) else list(style)
+    if len(styles) != len(responses):
+        raise ValueError(f"grade_batch: {len(styles)} styles for {len(responses)} responses")
+    answers = [extract_answer(r, st) for r, st in zip(responses, styles, strict=True)]
     return answers_match_batch(answers, references, timeout=timeout)
 
 

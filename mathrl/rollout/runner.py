@@ -71,15 +71,12 @@ def run_groups(
 
 
 def _grade_turn(envs: Sequence[Env], texts: Sequence[str]) -> list[Grade | None]:
-    """Grade every GradedEnv's action of this turn in one batch per answer style."""
+    """Grade every GradedEnv's action of this turn in one parallel batch."""
+    requests = {k: env.grading_request(text) for k, (env, text) in enumerate(zip(envs, texts, strict=True))
+                if isinstance(env, GradedEnv)}  # fmt: skip
+    graded = grade_batch([r for r, _, _ in requests.values()], [ref for _, ref, _ in requests.values()],
+                         style=[st for _, _, st in requests.values()])  # fmt: skip
     grades: list[Grade | None] = [None] * len(envs)
-    by_style: dict[str, list[tuple[int, str, str]]] = {}
-    for k, (env, text) in enumerate(zip(envs, texts, strict=True)):
-        if isinstance(env, GradedEnv):
-            response, reference, style = env.grading_request(text)
-            by_style.setdefault(style, []).append((k, response, reference))
-    for style, items in by_style.items():
-        graded = grade_batch([r for _, r, _ in items], [ref for _, _, ref in items], style=style)
-        for (k, _, _), grade in zip(items, graded, strict=True):
-            grades[k] = grade
+    for k, grade in zip(requests, graded, strict=True):
+        grades[k] = grade
     return grades

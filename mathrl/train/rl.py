@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from mathrl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
-from mathrl.config import ConfigError, config_from_dict, config_to_dict, diff_configs
+from mathrl.config import ConfigError, config_from_dict, config_to_dict, diff_configs, option
 from mathrl.envs.base import SingleTurnBuilder
 from mathrl.envs.registry import make_dataset
 from mathrl.eval.metrics import summarize, test_metrics
@@ -54,58 +54,56 @@ from mathrl.types import TrajectoryGroup
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _help(text: str, **extra: Any) -> Any:
-    return {"help": text, **extra}
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Every knob of ``mathrl train``; names follow tinker-cookbook."""
 
-    env: str = field(default="arithmetic", metadata=_help("Environment name (see the env registry)."))
-    env_args: dict[str, Any] = field(default_factory=dict, metadata=_help("Env options, e.g. env_args.max_operand=20."))
+    env: str = field(default="arithmetic", metadata=option("Environment name (see the env registry)."))
+    env_args: dict[str, Any] = field(
+        default_factory=dict, metadata=option("Env options, e.g. env_args.max_operand=20.")
+    )
     model_name: str = field(
-        default=EMBEDDED_MODEL, metadata=_help("HF hub id, local HF directory, or the embedded model.")
+        default=EMBEDDED_MODEL, metadata=option("HF hub id, local HF directory, or the embedded model.")
     )
-    group_size: int = field(default=8, metadata=_help("Completions sampled per problem.", min=1))
-    groups_per_batch: int = field(default=16, metadata=_help("Problems per step.", min=1))
-    learning_rate: float = field(default=1e-3, metadata=_help("AdamW peak learning rate.", min=0))
+    group_size: int = field(default=8, metadata=option("Completions sampled per problem.", min=1))
+    groups_per_batch: int = field(default=16, metadata=option("Problems per step.", min=1))
+    learning_rate: float = field(default=1e-3, metadata=option("AdamW peak learning rate.", min=0))
     lr_schedule: Literal["constant", "linear"] = field(
-        default="linear", metadata=_help("Decay to 0 over max_steps, or not.")
+        default="linear", metadata=option("Decay to 0 over max_steps, or not.")
     )
-    max_tokens: int = field(default=16, metadata=_help("Max new tokens per completion.", min=1))
-    temperature: float = field(default=1.0, metadata=_help("Sampling temperature during training.", min=0))
-    lora_rank: int = field(default=32, metadata=_help("LoRA rank on all linear layers; 0 = full fine-tuning.", min=0))
-    lora_alpha: int | None = field(default=None, metadata=_help("LoRA alpha (default: = lora_rank)."))
+    max_tokens: int = field(default=16, metadata=option("Max new tokens per completion.", min=1))
+    temperature: float = field(default=1.0, metadata=option("Sampling temperature during training.", min=0))
+    lora_rank: int = field(default=32, metadata=option("LoRA rank on all linear layers; 0 = full fine-tuning.", min=0))
+    lora_alpha: int | None = field(default=None, metadata=option("LoRA alpha (default: = lora_rank)."))
     loss_fn: Literal["importance_sampling", "ppo"] = field(
-        default="importance_sampling", metadata=_help("Policy loss.")
+        default="importance_sampling", metadata=option("Policy loss.")
     )
     loss_agg: Literal["token_sum", "token_mean", "seq_mean"] = field(
-        default="token_mean", metadata=_help("How per-token losses are combined.")
+        default="token_mean", metadata=option("How per-token losses are combined.")
     )
-    ppo_clip: float = field(default=0.2, metadata=_help("Clip range of loss_fn=ppo.", min=0))
-    kl_penalty_coef: float = field(default=0.0, metadata=_help("k3 KL penalty to the starting weights.", min=0))
-    normalize_advantages_by_std: bool = field(default=False, metadata=_help("Divide advantages by the group std."))
-    remove_constant_reward_groups: bool = field(default=True, metadata=_help("Drop groups with no reward spread."))
-    num_substeps: int = field(default=1, metadata=_help("Optimizer steps per batch (minibatches).", min=1))
-    micro_batch_size: int = field(default=16, metadata=_help("Sequences per forward/backward (memory only).", min=1))
-    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping (0 = off).", min=0))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay.", min=0))
-    max_steps: int = field(default=30, metadata=_help("Training steps.", min=0))
-    max_turns: int = field(default=1, metadata=_help("Max turns per episode (multi-turn envs).", min=1))
-    eval_every: int = field(default=10, metadata=_help("Test evaluation every N steps (0 = only at the end).", min=0))
-    eval_temperature: float = field(default=0.0, metadata=_help("Test sampling temperature (0 = greedy).", min=0))
-    eval_n: int = field(default=1, metadata=_help("Samples per test problem.", min=1))
-    save_every: int = field(default=20, metadata=_help("Checkpoint every N steps (0 = only the final one).", min=0))
+    ppo_clip: float = field(default=0.2, metadata=option("Clip range of loss_fn=ppo.", min=0))
+    kl_penalty_coef: float = field(default=0.0, metadata=option("k3 KL penalty to the starting weights.", min=0))
+    normalize_advantages_by_std: bool = field(default=False, metadata=option("Divide advantages by the group std."))
+    remove_constant_reward_groups: bool = field(default=True, metadata=option("Drop groups with no reward spread."))
+    num_substeps: int = field(default=1, metadata=option("Optimizer steps per batch (minibatches).", min=1))
+    micro_batch_size: int = field(default=16, metadata=option("Sequences per forward/backward (memory only).", min=1))
+    max_grad_norm: float = field(default=1.0, metadata=option("Gradient clipping (0 = off).", min=0))
+    weight_decay: float = field(default=0.0, metadata=option("AdamW weight decay.", min=0))
+    max_steps: int = field(default=30, metadata=option("Training steps.", min=0))
+    max_turns: int = field(default=1, metadata=option("Max turns per episode (multi-turn envs).", min=1))
+    eval_every: int = field(default=10, metadata=option("Test evaluation every N steps (0 = only at the end).", min=0))
+    eval_temperature: float = field(default=0.0, metadata=option("Test sampling temperature (0 = greedy).", min=0))
+    eval_n: int = field(default=1, metadata=option("Samples per test problem.", min=1))
+    save_every: int = field(default=20, metadata=option("Checkpoint every N steps (0 = only the final one).", min=0))
     log_path: str | None = field(
-        default=None, metadata=_help("Run directory (default runs/<env>-<time>); reused = resume.")
+        default=None, metadata=option("Run directory (default runs/<env>-<time>); reused = resume.")
     )
-    seed: int = field(default=0, metadata=_help("Seed for data, sampling and LoRA init."))
-    train_bf16: bool = field(default=True, metadata=_help("bf16 autocast for the training forward/backward."))
-    sample_dtype: Literal["bfloat16", "float32"] = field(default="bfloat16", metadata=_help("Sampler weights dtype."))
-    device: str | None = field(default=None, metadata=_help("cpu, cuda, ... (default: cuda if available)."))
-    num_threads: int | None = field(default=None, metadata=_help("torch CPU threads (default: all cores)."))
-    save_rollouts: bool = field(default=True, metadata=_help("Write sampled rollouts per step to rollouts/."))
+    seed: int = field(default=0, metadata=option("Seed for data, sampling and LoRA init."))
+    train_bf16: bool = field(default=True, metadata=option("bf16 autocast for the training forward/backward."))
+    sample_dtype: Literal["bfloat16", "float32"] = field(default="bfloat16", metadata=option("Sampler weights dtype."))
+    device: str | None = field(default=None, metadata=option("cpu, cuda, ... (default: cuda if available)."))
+    num_threads: int | None = field(default=None, metadata=option("torch CPU threads (default: all cores)."))
+    save_rollouts: bool = field(default=True, metadata=option("Write sampled rollouts per step to rollouts/."))
 
 
 # Keys that may change between a run and its resumption without changing what it computes.
