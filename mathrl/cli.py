@@ -78,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n`mathrl <command> --help` lists every key with its default.")
         return 0 if not args or args[0] in ("-h", "--help") else 2
     command, _ = COMMANDS[args[0]]
+    from mathrl.runtime import tune_allocator
+
+    tune_allocator()
     try:
         command(args[1:])
     except (ConfigError, ValueError, FileNotFoundError) as e:

@@ -98,19 +98,29 @@ def load_model(model_name: str, dtype: torch.dtype = torch.float32, attn: str | 
     return model
 
 
-def wrap_lora(model: PreTrainedModel, rank: int, alpha: int | None = None) -> torch.nn.Module:
+def wrap_lora(model: PreTrainedModel, rank: int, alpha: int | None = None, autocast: bool = False) -> torch.nn.Module:
     """Add LoRA adapters on every linear projection (not the LM head); rank 0 = full fine-tuning.
+
+    Adapter weights are fp32 whatever the base's dtype. With ``autocast`` (the model always
+    runs under bf16 autocast) peft's cast of each adapter's input to fp32 is turned off:
+    autocast computes the adapter in bf16 anyway, and the cast cost a copy of every linear
+    input per layer (measured: 0.2 GB and ~10% of a bench-arith training step).
 
     Seed torch before calling this: adapter initialisation draws random numbers.
     """
     if rank == 0:
         return model
     from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
 
     config = LoraConfig(
         r=rank, lora_alpha=alpha or rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
     )
-    return get_peft_model(model, config)
+    policy = get_peft_model(model, config)
+    for module in policy.modules():
+        if autocast and isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = False
+    return policy
 
 
 def base_of(policy: torch.nn.Module) -> PreTrainedModel:

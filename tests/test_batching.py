@@ -30,19 +30,93 @@ def test_multi_turn_merges_when_the_prompt_extends_and_splits_when_not():
     assert d2.tokens_T == (5, 99, 7, 8)
 
 
-def test_action_logprobs_match_full_logits(tiny_model):
-    datums = trajectory_datums(Trajectory((_tr([5, 6, 7], [8, 9, 1]),)), 1.0)
-    datums += trajectory_datums(Trajectory((_tr([10, 11], [12]),)), -1.0)
-    batch = collate(datums, pad_token_id=0)
-    assert batch.input_ids_BT.shape == (2, 6)
-    with torch.no_grad():
-        logp_BT, ent_BT = action_logprobs(tiny_model, batch, temperature=1.0)
-        full = torch.log_softmax(tiny_model(batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits, -1)
+def _alone(model, d):
+    """Plain forward of one datum: {position: (logp, entropy)} of its action tokens."""
+    logp_TV = torch.log_softmax(model(torch.tensor([d.tokens_T])).logits[0].float(), -1)
+    return {
+        t: (logp_TV[t - 1, d.tokens_T[t]], -(logp_TV[t - 1].exp() * logp_TV[t - 1]).sum())
+        for t, a in enumerate(d.action_mask_T)
+        if a and t > 0
+    }
+
+
+def _batch_values(batch, logp_BT, ent_BT, datums):
+    """The same {position: (logp, entropy)} read back from the shared-prefix layout."""
+    out = []
     for b, d in enumerate(datums):
-        for t, is_action in enumerate(d.action_mask_T):
-            if is_action:
-                assert torch.isclose(logp_BT[b, t], full[b, t - 1, d.tokens_T[t]], atol=1e-5)
-                p = full[b, t - 1].exp()
-                assert torch.isclose(ent_BT[b, t], -(p * full[b, t - 1]).sum(), atol=1e-4)
+        cut = d.action_mask_T.index(True) - 1
+        values = {}
+        for t in range(batch.input_ids_BT.shape[1]):
+            if batch.action_mask_BT[b, t] > 0:
+                assert batch.input_ids_BT[b, t] == d.tokens_T[cut + t]
+                values[cut + t] = (logp_BT[b, t], ent_BT[b, t])
             else:
                 assert logp_BT[b, t] == 0
+        out.append(values)
+    return out
+
+
+def _datums():
+    """Two groups sharing prompts (as GRPO samples them), a different prompt length, a multi-turn episode."""
+    datums = []
+    for ac in ([8, 9, 1], [8, 4], [3, 9, 9, 2]):
+        datums += trajectory_datums(Trajectory((_tr([5, 6, 7], ac),)), 1.0)
+    for ac in ([12], [13, 14]):
+        datums += trajectory_datums(Trajectory((_tr([10, 11], ac),)), -1.0)
+    datums += trajectory_datums(Trajectory((_tr([5, 6], [7, 2]), _tr([5, 6, 7, 2, 20, 21], [8, 9]))), 0.5)
+    return datums
+
+
+def test_collate_shares_each_prompt_once():
+    batch = collate(_datums(), pad_token_id=0)
+    # prompts [5, 6, 7] (3 samples), [10, 11] (2), [5, 6] (1): prefixes are the prompt minus its last token
+    assert batch.prefix_ids_PL.tolist() == [[5, 6], [0, 10], [0, 5]]
+    assert batch.prefix_mask_PL.tolist() == [[1, 1], [0, 1], [0, 1]]
+    assert batch.prefix_index_B.tolist() == [0, 0, 0, 1, 1, 2]
+    assert batch.input_ids_BT[0].tolist()[:4] == [7, 8, 9, 1]
+    part = batch.slice(3, 6)  # only the prefixes these rows use, padding trimmed to what they need
+    assert part.prefix_ids_PL.tolist() == [[10], [5]] and part.prefix_index_B.tolist() == [0, 0, 1]
+    assert part.input_ids_BT.shape[1] == max(int(m.sum()) for m in batch.attention_mask_BT[3:6])
+
+
+def test_micro_batches_bound_tokens_and_count_each_prefix_once():
+    batch = collate(_datums(), pad_token_id=0)
+    lengths = batch.attention_mask_BT.sum(-1).tolist()  # suffixes 4, 3, 5, 2, 3, 7; prefixes 2, 1, 1
+    assert lengths == [4, 3, 5, 2, 3, 7]
+    assert batch.micro_batches(10_000) == [(0, 6)]
+    # prefix 2 + 4 + 3 = 9 fits 10, + 5 would not; 2 + 5 + (new prefix 1) + 2 = 10 fits; ...
+    assert batch.micro_batches(10) == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert batch.micro_batches(1) == [(b, b + 1) for b in range(6)]  # never empty
+
+
+def test_action_logprobs_match_each_sequence_alone(tiny_model):
+    """Shared prefixes, padding and multi-turn change nothing: every action token's logprob and
+    entropy equal a plain forward of its sequence alone."""
+    datums = _datums()
+    batch = collate(datums, pad_token_id=0)
+    with torch.no_grad():
+        logp_BT, ent_BT = action_logprobs(tiny_model, batch, temperature=1.0)
+    for d, got in zip(datums, _batch_values(batch, logp_BT, ent_BT, datums), strict=True):
+        want = _alone(tiny_model, d)
+        assert got.keys() == want.keys()
+        for t in want:
+            assert torch.isclose(got[t][0], want[t][0], atol=1e-5), (t, got[t][0], want[t][0])
+            assert torch.isclose(got[t][1], want[t][1], atol=1e-4)
+
+
+def test_gradient_through_shared_prefix_equals_unshared(tiny_model):
+    """The prefix's backward runs once, with the gradients of all its copies summed: the same
+    gradient as a plain forward over each whole sequence."""
+    datums = _datums()
+    batch = collate(datums, pad_token_id=0)
+    tiny_model.zero_grad()
+    logp_BT, _ = action_logprobs(tiny_model, batch, entropy=False)
+    (logp_BT * batch.advantages_B[:, None]).sum().backward()
+    shared = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+    tiny_model.zero_grad()
+    total = sum(sum(v[0] for v in _alone(tiny_model, d).values()) * d.advantage for d in datums)
+    total.backward()
+    for n, p in tiny_model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(shared[n], p.grad, atol=1e-5, rtol=1e-4), n
+    tiny_model.zero_grad(set_to_none=True)

@@ -80,7 +80,7 @@ def test_train_on_gsm8k_with_periodic_test_evaluation(tmp_path):
     _mathrl(
         "train", "env=gsm8k", f"env_args.data_dir={SHARED}", "env_args.test_limit=4", "env_args.limit=16",
         "group_size=2", "groups_per_batch=2", "max_tokens=24", "max_steps=2", "eval_every=1", "eval_n=2",
-        "eval_temperature=0.7", "micro_batch_size=4", f"log_path={run}",
+        "eval_temperature=0.7", "micro_batch_tokens=300", f"log_path={run}",
     )  # fmt: skip
     rows = _jsonl(run / "metrics.jsonl")
     tested = [r for r in rows if "test/env/all/correct" in r]

@@ -16,7 +16,7 @@ import pytest
 # Small but real: the embedded model on easy sums (mixed rewards, so updates happen).
 SMALL = [
     "group_size=4", "groups_per_batch=3", "max_tokens=6", "env_args.max_operand=9",
-    "env_args.test_size=8", "eval_every=2", "micro_batch_size=8",
+    "env_args.test_size=8", "eval_every=2", "micro_batch_tokens=200",
 ]  # fmt: skip
 
 

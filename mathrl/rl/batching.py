@@ -52,9 +52,23 @@ def trajectory_datums(traj: Trajectory, advantage: float) -> list[Datum]:
 
 @dataclass(frozen=True)
 class Batch:
-    """Right-padded tensors. Position t of ``action_mask_BT`` marks that token t is an action,
-    predicted from position t-1."""
+    """Training sequences, each a shared prefix plus its own suffix.
 
+    The ``group_size`` samples of one problem start with the same prompt. Its forward and
+    backward run once per prefix, not once per sample: causal attention makes the prompt's
+    hidden states identical in every copy, so this is the same computation with G-1 copies
+    of the prompt left out (bench-arith: 64 x 55 tokens -> 16 x 39 + 64 x 17).
+
+    A sequence is split just before its first action token's predecessor: the prefix holds
+    the tokens before that, the suffix starts with the token that predicts the first action.
+    Prefixes are left-padded ``[P, L]``; suffixes right-padded ``[B, T]``; sequence b
+    continues prefix ``prefix_index_B[b]``. Position t of ``action_mask_BT`` marks that suffix
+    token t is an action, predicted from suffix position t-1.
+    """
+
+    prefix_ids_PL: torch.Tensor
+    prefix_mask_PL: torch.Tensor
+    prefix_index_B: torch.Tensor
     input_ids_BT: torch.Tensor
     attention_mask_BT: torch.Tensor
     action_mask_BT: torch.Tensor  # float
@@ -65,52 +79,123 @@ class Batch:
         return self.input_ids_BT.shape[0]
 
     def slice(self, start: int, stop: int) -> Batch:
-        return Batch(*(t[start:stop] for t in vars(self).values()))
+        """Sequences ``start:stop`` with just the prefixes they use."""
+        used_U, index_B = torch.unique(self.prefix_index_B[start:stop], return_inverse=True)
+        # padding only as wide as these rows need
+        width = int(self.attention_mask_BT[start:stop].sum(-1).max())
+        skip = int((self.prefix_mask_PL[used_U].sum(0) == 0).long().cumprod(0).sum())
+        return Batch(
+            self.prefix_ids_PL[used_U, skip:], self.prefix_mask_PL[used_U, skip:], index_B,
+            self.input_ids_BT[start:stop, :width], self.attention_mask_BT[start:stop, :width],
+            self.action_mask_BT[start:stop, :width], self.sample_logprobs_BT[start:stop, :width],
+            self.advantages_B[start:stop],
+        )  # fmt: skip
+
+    def micro_batches(self, max_tokens: int) -> list[tuple[int, int]]:
+        """Consecutive row ranges of at most ``max_tokens`` tokens each (every prefix counted
+        once, as the forward computes it), at least one row each: activation memory is bounded
+        by tokens, whatever the mix of short and long sequences."""
+        lengths_B = self.attention_mask_BT.sum(-1).tolist()
+        prefix_P = self.prefix_mask_PL.sum(-1).tolist()
+        ranges: list[tuple[int, int]] = []
+        start, used, seen = 0, 0, set[int]()
+        for b, (length, p) in enumerate(zip(lengths_B, self.prefix_index_B.tolist(), strict=True)):
+            cost = length + (0 if p in seen else prefix_P[p])
+            if b > start and used + cost > max_tokens:
+                ranges.append((start, b))
+                start, used, seen = b, 0, set()
+                cost = length + prefix_P[p]
+            used += cost
+            seen.add(p)
+        ranges.append((start, len(lengths_B)))
+        return ranges
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(*(t.to(device) for t in vars(self).values()))
 
 
 def collate(datums: Sequence[Datum], pad_token_id: int) -> Batch:
-    length = max(len(d.tokens_T) for d in datums)
+    """Pad datums into a Batch, sharing identical prefixes (see ``Batch``)."""
+    prefixes: dict[tuple[int, ...], int] = {}
+    index, suffixes = [], []
+    for d in datums:
+        first_action = next((t for t, a in enumerate(d.action_mask_T) if a), len(d.tokens_T))
+        cut = max(first_action - 1, 0)
+        index.append(prefixes.setdefault(d.tokens_T[:cut], len(prefixes)))
+        suffixes.append((d.tokens_T[cut:], d.action_mask_T[cut:], d.sample_logprobs_T[cut:]))
+    width = max(len(p) for p in prefixes)
+    prefix_ids = torch.full((len(prefixes), width), pad_token_id, dtype=torch.long)
+    prefix_mask = torch.zeros((len(prefixes), width), dtype=torch.long)
+    for u, p in enumerate(prefixes):
+        if p:
+            prefix_ids[u, width - len(p) :] = torch.tensor(p)
+            prefix_mask[u, width - len(p) :] = 1
+    length = max(len(t) for t, _, _ in suffixes)
     n = len(datums)
     ids = torch.full((n, length), pad_token_id, dtype=torch.long)
     attn = torch.zeros((n, length), dtype=torch.long)
     act = torch.zeros((n, length))
     slp = torch.zeros((n, length))
-    for i, d in enumerate(datums):
-        t = len(d.tokens_T)
-        ids[i, :t] = torch.tensor(d.tokens_T)
+    for i, (tokens, mask, logps) in enumerate(suffixes):
+        t = len(tokens)
+        ids[i, :t] = torch.tensor(tokens)
         attn[i, :t] = 1
-        act[i, :t] = torch.tensor(d.action_mask_T, dtype=torch.float)
-        slp[i, :t] = torch.tensor(d.sample_logprobs_T)
-    act[:, 0] = 0.0  # nothing predicts the first token
-    return Batch(ids, attn, act, slp, torch.tensor([d.advantage for d in datums]))
+        act[i, :t] = torch.tensor(mask, dtype=torch.float)
+        slp[i, :t] = torch.tensor(logps)
+    act[:, 0] = 0.0  # the suffix's first token is predicted by the prefix: never an action here
+    advantages = torch.tensor([d.advantage for d in datums])
+    return Batch(prefix_ids, prefix_mask, torch.tensor(index), ids, attn, act, slp, advantages)
 
 
 def action_logprobs(
-    model: torch.nn.Module, batch: Batch, temperature: float = 1.0, chunk: int = 1024
+    model: torch.nn.Module, batch: Batch, temperature: float = 1.0, chunk: int = 128, entropy: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp_BT, entropy_BT) of the action tokens under ``model``; zero elsewhere.
 
-    Runs the transformer body once, then the LM head only on the positions that predict
-    an action, in chunks: never a full [B, T, vocab] logits tensor.
+    Runs the transformer body once per prefix and once over the suffixes (attending to their
+    prefix's keys and values), then the LM head only on the positions that predict an
+    action, a few rows at a time: never a full [B, T, vocab] logits tensor.
     """
+    from transformers import DynamicCache
+
     from mathrl.models import base_of
 
     base = base_of(model)
-    hidden_BTH = base.model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).last_hidden_state
+    prefix_len_P = batch.prefix_mask_PL.sum(-1)
+    cache, mask_BT = None, batch.attention_mask_BT
+    if batch.prefix_ids_PL.shape[1] > 0:
+        cache = DynamicCache()
+        positions_PL = (batch.prefix_mask_PL.cumsum(-1) - 1).clamp(min=0)
+        base.model(
+            input_ids=batch.prefix_ids_PL, attention_mask=batch.prefix_mask_PL, position_ids=positions_PL,
+            past_key_values=cache, use_cache=True,
+        )  # fmt: skip
+        cache.batch_select_indices(batch.prefix_index_B)  # differentiable: gradients sum over the copies
+        mask_BT = torch.cat([batch.prefix_mask_PL[batch.prefix_index_B], batch.attention_mask_BT], dim=1)
+    positions_BT = prefix_len_P[batch.prefix_index_B][:, None] + torch.arange(batch.input_ids_BT.shape[1])
+    hidden_BTH = base.model(
+        input_ids=batch.input_ids_BT, attention_mask=mask_BT, position_ids=positions_BT,
+        past_key_values=cache, use_cache=cache is not None,
+    ).last_hidden_state  # fmt: skip
     pred_mask_BT = batch.action_mask_BT[:, 1:] > 0  # position t-1 predicts token t
     hidden_NH = hidden_BTH[:, :-1][pred_mask_BT]
     targets_N = batch.input_ids_BT[:, 1:][pred_mask_BT]
     logps, ents = [], []
     for s in range(0, hidden_NH.shape[0], chunk):
-        logits_NV = base.lm_head(hidden_NH[s : s + chunk]).float() / max(temperature, 1e-6)
+        logits_NV = base.lm_head(hidden_NH[s : s + chunk]).float()
+        if temperature != 1.0:
+            logits_NV = logits_NV / max(temperature, 1e-6)
         logp_NV = torch.log_softmax(logits_NV, dim=-1)
         logps.append(logp_NV.gather(-1, targets_N[s : s + chunk, None]).squeeze(-1))
-        ents.append(-(logp_NV.exp() * logp_NV).sum(-1).detach())
+        if entropy:
+            with torch.no_grad():
+                ents.append(-(logp_NV.exp() * logp_NV).sum(-1))
     logp_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32)
     ent_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32)
     full_mask_BT = torch.zeros_like(batch.action_mask_BT, dtype=torch.bool)
     full_mask_BT[:, 1:] = pred_mask_BT
     if logps:
         logp_BT = logp_BT.masked_scatter(full_mask_BT, torch.cat(logps))
+    if ents:
         ent_BT = ent_BT.masked_scatter(full_mask_BT, torch.cat(ents))
     return logp_BT, ent_BT

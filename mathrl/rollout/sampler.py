@@ -132,7 +132,7 @@ class TorchSampler:
         # Fan out each prompt's cache to its copies: [B, ...] with B = sum(counts)
         expand_B = torch.repeat_interleave(torch.arange(len(prompts)), counts)
         cache.batch_select_indices(expand_B)
-        logits_BV = out.logits[:, -1].float()[expand_B]
+        logits_BV = out.logits[:, -1][expand_B]
         mask_BL = mask_UL[expand_B]
         next_pos_B = positions_UL[expand_B, -1] + 1
         batch = len(expand_B)
@@ -168,7 +168,7 @@ class TorchSampler:
                 use_cache=True,
             )
             next_pos_B = next_pos_B + 1
-            logits_BV = out.logits[:, -1].float()
+            logits_BV = out.logits[:, -1]
         tokens_BT, logprobs_BT = tokens_BT[:, :steps], logprobs_BT[:, :steps]
         completions = [_to_completion(tokens_BT[b], logprobs_BT[b], self.eos_token_ids) for b in range(batch)]
         grouped, start = [], 0
@@ -187,25 +187,51 @@ def _common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return n
 
 
+_DRAW_ROWS = 16  # rows per pass over the vocabulary: [16 x 49,152] fp32 stays in cache
+
+
 def _draw(
     logits_BV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | list[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row; return (tokens [B], logprobs [B]) of the sampled
     distribution (after temperature and the top-p nucleus cut, renormalised). With a list
-    of generators, row b draws from generator b."""
+    of generators, row b draws from generator b.
+
+    Sampling is by inverse CDF: one uniform number per row, located in the cumulative
+    probabilities. ``torch.multinomial`` draws one exponential number per vocabulary entry
+    instead (49,152 per row here), which measured 67 ms per decode step at batch 64 on
+    the CPU: more than the whole transformer forward. The vocabulary-wide passes are
+    memory-bound, so they run on a few rows at a time (kept in cache) and as few as possible.
+    """
+    tokens, logprobs = [], []
+    for s in range(0, len(logits_BV), _DRAW_ROWS):
+        rows = generator[s : s + _DRAW_ROWS] if isinstance(generator, list) else generator
+        tok_R, lp_R = _draw_rows(logits_BV[s : s + _DRAW_ROWS].float(), temperature, top_p, rows)
+        tokens.append(tok_R)
+        logprobs.append(lp_R)
+    return torch.cat(tokens), torch.cat(logprobs)
+
+
+def _draw_rows(
+    logits_RV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | list[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor]:
     if temperature <= 0:
-        logp_BV = torch.log_softmax(logits_BV, dim=-1)
-        tok_B = logp_BV.argmax(dim=-1)
+        tok_R = logits_RV.argmax(dim=-1)
+        return tok_R, logits_RV.gather(-1, tok_R[:, None]).squeeze(-1) - torch.logsumexp(logits_RV, dim=-1)
+    scaled_RV = logits_RV if temperature == 1.0 else logits_RV / temperature
+    if top_p < 1.0:
+        probs_RV = _nucleus(torch.log_softmax(scaled_RV, dim=-1), top_p).exp()
     else:
-        logp_BV = torch.log_softmax(logits_BV / temperature, dim=-1)
-        if top_p < 1.0:
-            logp_BV = _nucleus(logp_BV, top_p)
-        probs_BV = logp_BV.exp()
-        if isinstance(generator, list):
-            tok_B = torch.cat([torch.multinomial(probs_BV[b], 1, generator=g) for b, g in enumerate(generator)])
-        else:
-            tok_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
-    return tok_B, logp_BV.gather(-1, tok_B[:, None]).squeeze(-1)
+        probs_RV = torch.softmax(scaled_RV, dim=-1)
+    cdf_RV = probs_RV.cumsum(dim=-1)
+    if isinstance(generator, list):
+        u_R = torch.cat([torch.rand(1, generator=g) for g in generator])
+    else:
+        u_R = torch.rand(len(logits_RV), generator=generator)
+    # right=True: the first entry whose cumulative mass exceeds u, never a zero-probability token
+    tok_R = torch.searchsorted(cdf_RV, (u_R * cdf_RV[:, -1])[:, None], right=True).squeeze(-1)
+    tok_R = tok_R.clamp(max=logits_RV.shape[-1] - 1)
+    return tok_R, probs_RV.gather(-1, tok_R[:, None]).squeeze(-1).log()
 
 
 def _nucleus(logp_BV: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -86,7 +86,9 @@ class TrainConfig:
     normalize_advantages_by_std: bool = field(default=False, metadata=option("Divide advantages by the group std."))
     remove_constant_reward_groups: bool = field(default=True, metadata=option("Drop groups with no reward spread."))
     num_substeps: int = field(default=1, metadata=option("Optimizer steps per batch (minibatches).", min=1))
-    micro_batch_size: int = field(default=16, metadata=option("Sequences per forward/backward (memory only).", min=1))
+    micro_batch_tokens: int = field(
+        default=4096, metadata=option("Tokens per forward/backward (memory only; a shared prompt counts once).", min=1)
+    )
     max_grad_norm: float = field(default=1.0, metadata=option("Gradient clipping (0 = off).", min=0))
     weight_decay: float = field(default=0.0, metadata=option("AdamW weight decay.", min=0))
     max_steps: int = field(default=30, metadata=option("Training steps.", min=0))
@@ -114,7 +116,7 @@ _RESUMABLE_CHANGES = {
     "log_path",
     "num_threads",
     "save_rollouts",
-    "micro_batch_size",
+    "micro_batch_tokens",
 }
 
 
@@ -133,12 +135,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     # --- model, sampler, data -------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model_name)
     dataset, _ = make_dataset(cfg.env, cfg.env_args, cfg.groups_per_batch, cfg.seed)
-    base_model = load_model(cfg.model_name, torch.float32)
+    # With LoRA the base is frozen and, under bf16 autocast, only ever used in bf16: store it so
+    # (autocast would cast every fp32 weight at every use). Adapters stay fp32 (peft's default).
+    frozen_bf16 = bool(cfg.lora_rank) and cfg.train_bf16
+    base_model = load_model(cfg.model_name, torch.bfloat16 if frozen_bf16 else torch.float32)
     ref_model = (
         load_model(cfg.model_name).eval().requires_grad_(False) if cfg.kl_penalty_coef and not cfg.lora_rank else None
     )
     torch.manual_seed(cfg.seed)  # LoRA init draws random numbers: seed first (TRL #6688)
-    policy = wrap_lora(base_model, cfg.lora_rank, cfg.lora_alpha)
+    policy = wrap_lora(base_model, cfg.lora_rank, cfg.lora_alpha, autocast=frozen_bf16)
     if checkpoint is not None:
         _load_weights(policy, checkpoint, cfg.lora_rank)
     policy.to(device).train()
@@ -275,9 +280,9 @@ def _update(
         minibatch = batch.slice(lo, hi)
         weights_BT = AGGREGATIONS[cfg.loss_agg](minibatch.action_mask_BT)
         optimizer.zero_grad(set_to_none=True)
-        for m in range(0, len(minibatch), cfg.micro_batch_size):
-            micro = _to(minibatch.slice(m, m + cfg.micro_batch_size), device)
-            w_BT = weights_BT[m : m + cfg.micro_batch_size].to(device)
+        for m, m_end in minibatch.micro_batches(cfg.micro_batch_tokens):
+            micro = _to(minibatch.slice(m, m_end), device)
+            w_BT = weights_BT[m:m_end, : micro.input_ids_BT.shape[1]].to(device)
             mask_BT = micro.action_mask_BT
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train_bf16):
                 logp_BT, entropy_BT = action_logprobs(policy, micro, cfg.temperature)
@@ -336,7 +341,7 @@ def _datums(groups: list[TrajectoryGroup], cfg: TrainConfig) -> list[Datum]:
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
-    return batch if device.type == "cpu" else Batch(*(t.to(device) for t in vars(batch).values()))
+    return batch if device.type == "cpu" else batch.to(device)
 
 
 def _load_weights(policy: torch.nn.Module, checkpoint: Path, lora_rank: int) -> None:
