@@ -109,6 +109,7 @@ def run_mathrl(steps: int, out: Path) -> list[dict[str, float]]:
             "train": r["time/train"],
             "tokens": r["env/all/ac_tokens_per_turn"] * GROUP_SIZE * GROUPS,
             "reward": r["env/all/reward/total"],
+            "kl_sample_train": r.get("optim/kl_sample_train_v1", float("nan")),
         }
         for r in rows
         if "time/step" in r
@@ -326,6 +327,10 @@ def print_table(results: dict[str, Any], rates: dict[str, float], steps: int) ->
     print("\nmean reward per step (so speed is never bought with a broken step):")
     for s in results:
         print(f"  {s:<16}" + " ".join(f"{r['reward']:.3f}" for r in results[s]["steps"]))
+    if "mathrl" in results:
+        kl = [r["kl_sample_train"] for r in results["mathrl"]["steps"]]
+        print("mathrl's bf16 sampler vs its trainer, mean logprob gap per token (optim/kl_sample_train_v1): "
+              + " ".join(f"{k:+.4f}" for k in kl))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -106,3 +106,86 @@ def test_per_row_seeds_make_samples_independent_of_the_batch_even_when_rows_leav
         assert b.logprobs_T == pytest.approx(a.logprobs_T, abs=1e-4)
     lengths = {len(c.tokens_T) for c in batched}
     assert len(lengths) > 2 and min(lengths) < 12, lengths  # rows did finish at different steps
+
+
+def test_inverse_cdf_draws_follow_the_distribution():
+    """Frequencies of 40,000 draws match the probabilities; a zero-probability token (and one
+    cut by top-p) is never drawn; the logprob returned is the token's, renormalised."""
+    from mathrl.rollout.sampler import _draw
+
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    logits_BV = torch.log(probs).expand(40_000, -1)
+    gen = torch.Generator().manual_seed(0)
+    tok_B, lp_B = _draw(logits_BV, 1.0, 1.0, gen)
+    freq = torch.bincount(tok_B, minlength=5).float() / len(tok_B)
+    assert torch.allclose(freq, probs, atol=0.01), freq
+    assert freq[4] == 0
+    assert torch.allclose(lp_B, torch.log(probs)[tok_B], atol=1e-5)
+    tok_B, lp_B = _draw(logits_BV, 1.0, 0.8, gen)  # nucleus {0, 1, 2}: mass 0.9 >= 0.8
+    freq = torch.bincount(tok_B, minlength=5).float() / len(tok_B)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.25, 0.15, 0, 0]) / 0.9, atol=0.01), freq
+    assert torch.allclose(lp_B, torch.log(probs / 0.9)[tok_B], atol=1e-5)
+    rows = [torch.Generator().manual_seed(i) for i in range(4000)]
+    tok_B, _ = _draw(logits_BV[:4000] * 0.5, 0.5, 1.0, rows)  # per-row streams; T=0.5 undoes the scaling
+    freq = torch.bincount(tok_B, minlength=5).float() / len(tok_B)
+    assert torch.allclose(freq, probs, atol=0.03), freq
+
+
+def test_sampler_with_merged_lora_matches_the_trainers_forward(tiny_model):
+    """After an update, the sampler runs a copy of the policy with LoRA merged in; its token
+    logprobs must equal the trainer's (shared-prefix, LM-head-on-actions) forward of the
+    LoRA policy: what the importance ratio assumes."""
+    import copy
+
+    from mathrl.models import sync_weights, wrap_lora
+    from mathrl.rl.batching import action_logprobs, collate, trajectory_datums
+    from mathrl.types import Trajectory, Transition
+
+    torch.manual_seed(0)
+    policy = wrap_lora(copy.deepcopy(tiny_model), rank=4)
+    with torch.no_grad():  # a trained adapter: B is no longer zero
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    sampler_model = copy.deepcopy(tiny_model)
+    sync_weights(policy, sampler_model)
+    sampler = TorchSampler(sampler_model, [EOS], pad_token_id=0)
+    prompts = [p for p in SHARED for _ in range(2)]
+    got = sampler.sample(prompts, max_tokens=8, temperature=1.0, seed=1)
+    trajectories = [Trajectory((Transition(tuple(p), c, "", 0.0, False),)) for p, c in zip(prompts, got, strict=True)]
+    datums = [d for t in trajectories for d in trajectory_datums(t, 1.0)]
+    batch = collate(datums, pad_token_id=0)
+    with torch.no_grad():
+        logp_BT, _ = action_logprobs(policy, batch)
+    trainer = logp_BT[batch.action_mask_BT > 0]
+    sampled = batch.sample_logprobs_BT[batch.action_mask_BT > 0]
+    assert len(trainer) == sum(len(c.tokens_T) for c in got)
+    assert torch.allclose(trainer, sampled, atol=1e-4), (trainer - sampled).abs().max()
+
+
+@pytest.mark.slow
+def test_greedy_on_the_real_model_matches_hf_generate():
+    """The embedded model in fp32 on real GSM8K prompts (eval's rendering): token-for-token
+    the replies of plain HF generate, one prompt at a time."""
+    from mathrl.data.datasets import load_problems
+    from mathrl.models import EMBEDDED_MODEL, eos_token_ids, load_for_inference
+    from mathrl.prompts import math_messages, render_prompt
+
+    model, tokenizer = load_for_inference(EMBEDDED_MODEL, torch.float32)
+    problems = load_problems("gsm8k", "test", data_dir=_DATA, limit=4).problems
+    prompts = [render_prompt(tokenizer, math_messages(p.problem)) for p in problems]
+    eos = eos_token_ids(tokenizer)
+    got = TorchSampler(model, eos, tokenizer.pad_token_id).sample(
+        prompts, max_tokens=48, temperature=0.0, seed=0, row_seeds=[0, 1, 2, 3]
+    )
+    for prompt, completion in zip(prompts, got, strict=True):
+        with torch.inference_mode():
+            out = model.generate(
+                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=48, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+            )[0, len(prompt) :].tolist()  # fmt: skip
+        cut = next((i + 1 for i, t in enumerate(out) if t in eos), len(out))
+        assert list(completion.tokens_T) == out[:cut]
+
+
+_DATA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
