@@ -172,7 +172,9 @@ def action_logprobs(
         )  # fmt: skip
         cache.batch_select_indices(batch.prefix_index_B)  # differentiable: gradients sum over the copies
         mask_BT = torch.cat([batch.prefix_mask_PL[batch.prefix_index_B], batch.attention_mask_BT], dim=1)
-    positions_BT = prefix_len_P[batch.prefix_index_B][:, None] + torch.arange(batch.input_ids_BT.shape[1])
+    positions_BT = prefix_len_P[batch.prefix_index_B][:, None] + torch.arange(
+        batch.input_ids_BT.shape[1], device=batch.input_ids_BT.device
+    )
     hidden_BTH = base.model(
         input_ids=batch.input_ids_BT, attention_mask=mask_BT, position_ids=positions_BT,
         past_key_values=cache, use_cache=cache is not None,
@@ -190,8 +192,8 @@ def action_logprobs(
         if entropy:
             with torch.no_grad():
                 ents.append(-(logp_NV.exp() * logp_NV).sum(-1))
-    logp_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32)
-    ent_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32)
+    logp_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32, device=hidden_BTH.device)
+    ent_BT = torch.zeros_like(logp_BT)
     full_mask_BT = torch.zeros_like(batch.action_mask_BT, dtype=torch.bool)
     full_mask_BT[:, 1:] = pred_mask_BT
     if logps:

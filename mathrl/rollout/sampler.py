@@ -99,6 +99,8 @@ class TorchSampler:
         top_p: float,
         generator: torch.Generator | list[torch.Generator],
     ) -> list[list[Completion]]:
+        # Bookkeeping lives on the CPU; what the model reads is moved to its device.
+        dev = self.model.device
         prompts = [p for p, _ in chunk]
         counts = torch.tensor([len(ix) for _, ix in chunk])
         cache = DynamicCache()
@@ -106,9 +108,12 @@ class TorchSampler:
         shared = _common_prefix_length(prompts)
         if len(prompts) > 1 and shared > 0:
             self.model(
-                input_ids=torch.tensor([prompts[0][:shared]]), past_key_values=cache, use_cache=True, logits_to_keep=1
+                input_ids=torch.tensor([prompts[0][:shared]], device=dev),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
             )
-            cache.batch_select_indices(torch.zeros(len(prompts), dtype=torch.long))
+            cache.batch_select_indices(torch.zeros(len(prompts), dtype=torch.long, device=dev))
         else:
             shared = 0
         # 2. The rest of each prompt, left-padded after the shared prefix: [U, S + L]
@@ -122,17 +127,17 @@ class TorchSampler:
             mask_UL[u, shared + length - len(r) :] = 1
         positions_UL = (mask_UL.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         out = self.model(
-            input_ids=input_ids_UL,
-            attention_mask=mask_UL,
-            position_ids=positions_UL,
+            input_ids=input_ids_UL.to(dev),
+            attention_mask=mask_UL.to(dev),
+            position_ids=positions_UL.to(dev),
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
         # Fan out each prompt's cache to its copies: [B, ...] with B = sum(counts)
         expand_B = torch.repeat_interleave(torch.arange(len(prompts)), counts)
-        cache.batch_select_indices(expand_B)
-        logits_BV = out.logits[:, -1][expand_B]
+        cache.batch_select_indices(expand_B.to(dev))
+        logits_BV = out.logits[:, -1][expand_B.to(dev)]
         mask_BL = mask_UL[expand_B]
         next_pos_B = positions_UL[expand_B, -1] + 1
         batch = len(expand_B)
@@ -145,7 +150,7 @@ class TorchSampler:
         done_L = torch.zeros(batch, dtype=torch.bool)
         steps = 0
         for step in range(max_tokens):
-            tok_L, lp_L = _draw(logits_BV, temperature, top_p, generator)
+            tok_L, lp_L = (t.cpu() for t in _draw(logits_BV, temperature, top_p, generator))
             tok_L = torch.where(done_L, self.pad_token_id, tok_L)
             tokens_BT[live, step] = tok_L
             logprobs_BT[live, step] = lp_L
@@ -155,15 +160,15 @@ class TorchSampler:
                 break
             if isinstance(generator, list) and int(done_L.sum()) * 4 >= len(live):
                 keep = (~done_L).nonzero().squeeze(-1)
-                cache.batch_select_indices(keep)
+                cache.batch_select_indices(keep.to(dev))
                 live, tok_L, done_L = live[keep], tok_L[keep], done_L[keep]
                 mask_BL, next_pos_B = mask_BL[keep], next_pos_B[keep]
                 generator = [generator[i] for i in keep.tolist()]
             mask_BL = torch.cat([mask_BL, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
             out = self.model(
-                input_ids=tok_L[:, None],
-                attention_mask=mask_BL,
-                position_ids=next_pos_B[:, None],
+                input_ids=tok_L[:, None].to(dev),
+                attention_mask=mask_BL.to(dev),
+                position_ids=next_pos_B[:, None].to(dev),
                 past_key_values=cache,
                 use_cache=True,
             )
@@ -228,6 +233,7 @@ def _draw_rows(
         u_R = torch.cat([torch.rand(1, generator=g) for g in generator])
     else:
         u_R = torch.rand(len(logits_RV), generator=generator)
+    u_R = u_R.to(logits_RV.device)  # CPU generators: the same draws on any device
     # right=True: the first entry whose cumulative mass exceeds u, never a zero-probability token
     tok_R = torch.searchsorted(cdf_RV, (u_R * cdf_RV[:, -1])[:, None], right=True).squeeze(-1)
     tok_R = tok_R.clamp(max=logits_RV.shape[-1] - 1)
