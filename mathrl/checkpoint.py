@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,9 @@ def save_checkpoint(
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    policy.save_pretrained(tmp)  # type: ignore[operator]
+    with warnings.catch_warnings():  # peft looks for a config.json at an adapter's base: absent when that
+        warnings.filterwarnings("ignore", message="Could not find a config file")  # base is an SFT adapter
+        policy.save_pretrained(tmp)  # type: ignore[operator]
     tokenizer.save_pretrained(tmp)
     torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
     if target.exists():
@@ -70,3 +73,19 @@ def latest_checkpoint(log_path: Path) -> Path | None:
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return torch.load(checkpoint / STATE_FILE, weights_only=False)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A mathrl run directory -> its latest checkpoint (absolute); a checkpoint or any HF
+    model directory -> itself (absolute). Errors say which one was expected."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory (expected a mathrl run or checkpoint directory)")
+    if (p / "checkpoints.jsonl").exists() or (p / "metrics.jsonl").exists():
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise ValueError(f"{path}: the run has no finished checkpoint yet")
+        return latest.resolve()
+    if not ((p / "adapter_config.json").exists() or (p / "config.json").exists()):
+        raise ValueError(f"{path}: neither a mathrl run nor a checkpoint (no adapter_config.json or config.json)")
+    return p.resolve()

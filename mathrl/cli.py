@@ -37,6 +37,19 @@ def _eval(argv: Sequence[str]) -> None:
     run_eval(parse_config(EvalConfig, argv))
 
 
+def _sft(argv: Sequence[str]) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from mathrl.train.sft import SFTConfig, sft
+
+    hf_logging.disable_progress_bar()
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(config_help(SFTConfig, "mathrl sft"))
+        return
+    log_path = sft(parse_config(SFTConfig, argv))
+    print(f"run directory: {log_path}")
+
+
 def _serve(argv: Sequence[str]) -> None:
     from mathrl.serve import ServeConfig, serve
 
@@ -44,6 +57,27 @@ def _serve(argv: Sequence[str]) -> None:
         print(config_help(ServeConfig, "mathrl serve"))
         return
     serve(parse_config(ServeConfig, argv))
+
+
+def _distill(argv: Sequence[str]) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from mathrl.train.distill import DistillConfig, run_distill
+
+    hf_logging.disable_progress_bar()
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(config_help(DistillConfig, "mathrl distill"))
+        return
+    run_distill(parse_config(DistillConfig, argv))
+
+
+def _traces(argv: Sequence[str]) -> None:
+    from mathrl.train.distill import TracesConfig, run_traces
+
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(config_help(TracesConfig, "mathrl traces"))
+        return
+    run_traces(parse_config(TracesConfig, argv))
 
 
 def _env_help() -> str:
@@ -62,8 +96,11 @@ def _env_help() -> str:
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "train": (_train, "GRPO reinforcement learning with verifiable rewards"),
+    "sft": (_sft, "supervised fine-tuning (LoRA or full) on chat JSONL, loss on assistant tokens"),
     "serve": (_serve, "OpenAI-compatible chat server for a model, checkpoint or run"),
     "eval": (_eval, "benchmarks: pass@1 with 95% CI, pass@k, maj@k; several models -> ablation table"),
+    "distill": (_distill, "a teacher answers a dataset; graded-correct replies -> SFT traces + yield report"),
+    "traces": (_traces, "combine, dedup, filter and shuffle trace files; dataset solutions -> traces"),
 }
 
 

@@ -155,30 +155,30 @@ def sync_weights(policy: torch.nn.Module, sampler_model: PreTrainedModel) -> Non
         target_weight.copy_(weight)  # type: ignore[arg-type]
 
 
+def load_merged(model_name: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A model with every LoRA adapter merged in: a checkpoint holding a peft adapter is merged
+    (in fp32) into its ``base_model_name_or_path``, which may itself be an adapter checkpoint
+    (RL started from a merged SFT adapter); anything else loads as is."""
+    import json
+
+    adapter = Path(model_name) / "adapter_config.json"
+    if not adapter.exists():
+        return load_model(model_name, dtype)
+    from peft import PeftModel
+
+    base = load_merged(json.loads(adapter.read_text())["base_model_name_or_path"], torch.float32)
+    merged = PeftModel.from_pretrained(base, model_name).merge_and_unload()
+    return merged.to(dtype)  # type: ignore[return-value]
+
+
 def load_for_inference(
     model_name: str, dtype: torch.dtype = torch.bfloat16
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer for generation from any of: the embedded model, a hub id, a
     local HF directory, a mathrl checkpoint directory (LoRA adapters are merged into
     their base model), or a mathrl run directory (its latest checkpoint)."""
-    import json
+    from mathrl.checkpoint import resolve_checkpoint
 
-    from mathrl.checkpoint import latest_checkpoint
-
-    path = Path(model_name)
-    if path.is_dir() and (path / "checkpoints.jsonl").exists():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise ValueError(f"model={model_name}: the run has no finished checkpoint yet")
-        path, model_name = latest, str(latest)
-    adapter = path / "adapter_config.json"
-    if path.is_dir() and adapter.exists():
-        from peft import PeftModel
-
-        base_name = json.loads(adapter.read_text())["base_model_name_or_path"]
-        base = load_model(base_name, torch.float32)
-        merged = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
-        model = merged.to(dtype)  # type: ignore[assignment]
-    else:
-        model = load_model(model_name, dtype)
-    return model.eval(), load_tokenizer(model_name)
+    if (Path(model_name) / "checkpoints.jsonl").exists():
+        model_name = str(resolve_checkpoint(model_name))
+    return load_merged(model_name, dtype).eval(), load_tokenizer(model_name)

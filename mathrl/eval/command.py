@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from rich.console import Console
@@ -84,9 +84,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, list[BenchmarkSummary]]:
     atomic_write_text(out_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
     console = Console()
     benchmarks = [b.strip() for b in cfg.benchmarks.split(",") if b.strip()]
-    problem_sets = {_bench_name(b): _problems(cfg, b) for b in benchmarks}
+    problem_sets = {bench_name(b): _problems(cfg, b) for b in benchmarks}
     results: dict[str, list[BenchmarkSummary]] = {}
-    for label, make_backend in _models(cfg):
+    for label, make_backend in model_backends(cfg):
         backend = make_backend()
         results[label] = []
         for bench, problems in problem_sets.items():
@@ -98,7 +98,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, list[BenchmarkSummary]]:
     return results
 
 
-def _bench_name(spec: str) -> str:
+def bench_name(spec: str) -> str:
     """The name a benchmark's files and table column get: a file's stem, else the name."""
     path = Path(spec)
     return path.stem if path.suffix in (".jsonl", ".json", ".csv", ".parquet") else spec.replace("/", "__")
@@ -123,18 +123,8 @@ def _run_one(
     console: Console,
 ) -> BenchmarkSummary:
     folder.mkdir(parents=True, exist_ok=True)
-    settings_path = folder / f"{bench}.settings.json"
     settings = {k: getattr(cfg, k) for k in _GENERATION_KEYS}
-    if settings_path.exists():
-        before = json.loads(settings_path.read_text())
-        changed = sorted(k for k in settings if before.get(k) != settings[k])
-        if changed:
-            raise ValueError(
-                f"output_dir={cfg.output_dir}: {label}/{bench} was generated with other settings "
-                f"({', '.join(f'{k}: {before.get(k)!r} -> {settings[k]!r}' for k in changed)}); "
-                "use a new output_dir"
-            )
-    atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
+    keep_settings(folder / f"{bench}.settings.json", settings, f"output_dir={cfg.output_dir}: {label}/{bench}")
     style = cfg.style or ("gsm8k" if bench == "gsm8k" else "boxed")
     items = items_from_problems(
         problems, suffix=cfg.suffix, few_shot=cfg.few_shot, system_prompt=cfg.system_prompt, style=style
@@ -159,7 +149,44 @@ def _run_one(
     return summary
 
 
-def _models(cfg: EvalConfig) -> list[tuple[str, Any]]:
+def keep_settings(path: Path, settings: dict[str, Any], what: str) -> None:
+    """Record the settings a results file is generated with; refuse to add to it with others."""
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        if changed:
+            raise ValueError(
+                f"{what} was generated with other settings "
+                f"({', '.join(f'{k}: {before.get(k)!r} -> {settings[k]!r}' for k in changed)}); "
+                "use a new output_dir"
+            )
+    atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+
+
+class ModelOptions(Protocol):
+    """The keys that choose the model(s) or endpoint (``mathrl eval`` and ``mathrl distill``)."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def labels(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def base_url(self) -> str: ...
+    @property
+    def api_model(self) -> str: ...
+    @property
+    def api_key_env(self) -> str: ...
+    @property
+    def concurrency(self) -> int: ...
+    @property
+    def max_retries(self) -> int: ...
+    @property
+    def timeout_s(self) -> float: ...
+
+
+def model_backends(cfg: ModelOptions) -> list[tuple[str, Any]]:
     """(label, backend factory) per model; an endpoint counts as one more model."""
     names = [m.strip() for m in cfg.model.split(",") if m.strip()] if not cfg.base_url else []
     labels = [x.strip() for x in cfg.labels.split(",") if x.strip()]

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel
 
 from mathrl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from mathrl.config import ConfigError, config_from_dict, config_to_dict, diff_configs, option
@@ -106,6 +107,21 @@ class TrainConfig:
     device: str | None = field(default=None, metadata=option("cpu, cuda, ... (default: cuda if available)."))
     num_threads: int | None = field(default=None, metadata=option("torch CPU threads (default: all cores)."))
     save_rollouts: bool = field(default=True, metadata=option("Write sampled rollouts per step to rollouts/."))
+    load_checkpoint_path: str | None = field(
+        default=None,
+        metadata=option(
+            "Start from these weights: a mathrl run (its latest checkpoint, e.g. an SFT run) or a checkpoint "
+            "directory; config.json records the checkpoint it resolved to. A log_path with checkpoints of its "
+            "own resumes from them (this must still name the same checkpoint)."
+        ),
+    )
+    load_checkpoint_mode: Literal["merge", "continue"] = field(
+        default="merge",
+        metadata=option(
+            "For a LoRA checkpoint: merge it into the base and add new adapters, or keep training the same "
+            "adapter (needs the same lora_rank and alpha)."
+        ),
+    )
 
 
 # Keys that may change between a run and its resumption without changing what it computes.
@@ -124,6 +140,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Run (or resume) GRPO; return the run directory."""
     log_path = Path(cfg.log_path or f"runs/{cfg.env}-{datetime.now():%Y%m%d-%H%M%S}")
     cfg = replace(cfg, log_path=str(log_path))
+    start = _starting_checkpoint(cfg)
+    cfg = replace(cfg, load_checkpoint_path=str(start) if start else None)  # config.json: what was loaded
     log_path.mkdir(parents=True, exist_ok=True)
     checkpoint = _check_resume(cfg, log_path)
     atomic_write_text(log_path / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
@@ -138,18 +156,22 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     # With LoRA the base is frozen and, under bf16 autocast, only ever used in bf16: store it so
     # (autocast would cast every fp32 weight at every use). Adapters stay fp32 (peft's default).
     frozen_bf16 = bool(cfg.lora_rank) and cfg.train_bf16
-    base_model = load_model(cfg.model_name, torch.bfloat16 if frozen_bf16 else torch.float32)
+    base_model = _load_base(cfg, start, torch.bfloat16 if frozen_bf16 else torch.float32)
     ref_model = (
-        load_model(cfg.model_name).eval().requires_grad_(False) if cfg.kl_penalty_coef and not cfg.lora_rank else None
+        _load_base(cfg, start).eval().requires_grad_(False) if cfg.kl_penalty_coef and not cfg.lora_rank else None
     )
     torch.manual_seed(cfg.seed)  # LoRA init draws random numbers: seed first (TRL #6688)
     policy = wrap_lora(base_model, cfg.lora_rank, cfg.lora_alpha, autocast=frozen_bf16)
+    if start is not None and _is_adapter(start) and cfg.load_checkpoint_mode == "continue":
+        _load_weights(policy, start, cfg.lora_rank)  # the same adapter keeps training
+    elif start is not None and cfg.lora_rank:  # new adapters over the loaded weights: say so for loaders
+        policy.peft_config["default"].base_model_name_or_path = str(start)  # type: ignore[index, operator, union-attr]
     if checkpoint is not None:
         _load_weights(policy, checkpoint, cfg.lora_rank)
     policy.to(device).train()
     # No requires_grad_(False) here: measured on torch 2.13 CPU, bf16 decoding with frozen
     # parameters ran 5x slower and peaked at 12 GB. inference_mode already skips autograd.
-    sampler_model = load_model(cfg.model_name, getattr(torch, cfg.sample_dtype))
+    sampler_model = _load_base(cfg, start, getattr(torch, cfg.sample_dtype))
     sampler_model.to(device)  # type: ignore[arg-type]
     sync_weights(policy, sampler_model)
     sampler = TorchSampler(sampler_model, eos_token_ids(tokenizer), tokenizer.pad_token_id)
@@ -358,6 +380,61 @@ def _load_weights(policy: torch.nn.Module, checkpoint: Path, lora_rank: int) -> 
         missing, unexpected = policy.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if "lm_head" not in k]:
             raise RuntimeError(f"{checkpoint}: checkpoint does not match the model ({missing[:3]}, {unexpected[:3]})")
+
+
+def _is_adapter(checkpoint: Path) -> bool:
+    return (checkpoint / "adapter_config.json").exists()
+
+
+def _starting_checkpoint(cfg: TrainConfig) -> Path | None:
+    """The checkpoint ``load_checkpoint_path`` names, checked against the model and LoRA settings."""
+    if not cfg.load_checkpoint_path:
+        return None
+    from mathrl.checkpoint import resolve_checkpoint
+    from mathrl.models import resolve_model_path
+
+    try:
+        start = resolve_checkpoint(cfg.load_checkpoint_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"load_checkpoint_path: {e}") from None
+    if not _is_adapter(start):
+        return start  # full weights: they are the base
+    adapter = json.loads((start / "adapter_config.json").read_text())
+
+    def norm(name: str) -> str:
+        name = resolve_model_path(name)
+        return str(Path(name).resolve()) if Path(name).exists() else name
+
+    base = adapter["base_model_name_or_path"]
+    stacked = (Path(base) / "adapter_config.json").exists()  # an adapter over a merged adapter: merge both
+    if (cfg.load_checkpoint_mode == "continue" or not stacked) and norm(base) != norm(cfg.model_name):
+        raise ConfigError(
+            f"load_checkpoint_path: {start} is an adapter on {base}, not on model_name={cfg.model_name}; "
+            + ("use load_checkpoint_mode=merge" if stacked else f"pass model_name={base}")
+        )
+    if cfg.load_checkpoint_mode == "continue":
+        rank, alpha = adapter["r"], adapter["lora_alpha"]
+        if (cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank) != (rank, alpha):
+            raise ConfigError(
+                f"load_checkpoint_mode=continue: the checkpoint's adapter has rank {rank} and alpha {alpha}; "
+                f"pass lora_rank={rank} lora_alpha={alpha} (or load_checkpoint_mode=merge)"
+            )
+        if cfg.kl_penalty_coef:
+            raise ConfigError(
+                "kl_penalty_coef with load_checkpoint_mode=continue would penalise the distance to the model "
+                "before the checkpoint (the adapter disabled); use load_checkpoint_mode=merge"
+            )
+    return start
+
+
+def _load_base(cfg: TrainConfig, start: Path | None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The weights training starts from, before new adapters: the model, or the checkpoint's
+    full weights, or the model with the checkpoint's adapter merged in (merge mode)."""
+    from mathrl.models import load_merged
+
+    if start is None or (_is_adapter(start) and cfg.load_checkpoint_mode == "continue"):
+        return load_model(cfg.model_name, dtype)
+    return load_merged(str(start), dtype)
 
 
 def _check_resume(cfg: TrainConfig, log_path: Path) -> Path | None:

@@ -1,0 +1,521 @@
+"""Supervised fine-tuning on chat conversations: ``mathrl sft``; one step is ``train_step``.
+
+Each conversation is rendered with the model's own chat template; the loss is the mean
+negative log-likelihood of the assistant tokens (all assistant messages, or the last one:
+tinker-cookbook's ``train_on_what``). Each step takes ``batch_size`` conversations (a seeded
+shuffle per epoch, so step ``i``'s batch is a pure function of ``(seed, i)`` and a resumed
+run sees what an uninterrupted one would), runs them in ``grad_accum_steps`` micro-batches,
+and takes one AdamW step.
+
+Choices worth knowing:
+- Which tokens carry loss is found by rendering prefixes of the conversation with the chat
+  template and diffing token ids (``loss_mask``), never by searching for a template's
+  markers, so any template that renders a conversation as the concatenation of its
+  prefixes works; one that does not (e.g. one that rewrites earlier turns) is an error.
+- An assistant turn's loss covers its content and the end-of-turn token (``<|im_end|>``),
+  the token that makes the model stop; not the turn header (``<|im_start|>assistant\\n``),
+  which the prompt supplies at inference, nor what the template writes after the
+  end-of-turn token (ChatML's newline), which the model never generates.
+- The step's loss is the sum of NLL over its loss tokens divided by their number in the
+  whole step, not per micro-batch, so gradient accumulation gives the same update as one
+  big batch. The LM head and log-softmax run only at loss positions, a chunk at a time.
+- Conversations longer than ``max_length`` tokens are cut at ``max_length`` (counted in
+  ``num_truncated``); trailing tokens with no loss are dropped first, so a conversation
+  counts as truncated only when assistant tokens were cut.
+- Batches do not cross epochs: each epoch has ``len(train) // batch_size`` steps, and the
+  few conversations left over are different ones in each epoch (a fresh shuffle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from mathrl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from mathrl.config import ConfigError, config_from_dict, config_to_dict, diff_configs, option
+from mathrl.models import EMBEDDED_MODEL, base_of, load_model, load_tokenizer, wrap_lora
+from mathrl.tracking import MetricsLogger, atomic_write_text, keep_rows
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TrainOnWhat = Literal["all_assistant_messages", "last_assistant_message"]
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Every knob of ``mathrl sft``."""
+
+    train_file: str = field(metadata=option('Chat JSONL: one {"messages": [{"role", "content"}, ...]} per line.'))
+    test_file: str | None = field(
+        default=None, metadata=option("Held-out chat JSONL for test/nll (default: split off test_fraction).")
+    )
+    test_fraction: float = field(
+        default=0.05,
+        metadata=option("Share of problems held out when no test_file (seeded, by problem_id).", min=0, max=0.5),
+    )
+    model_name: str = field(
+        default=EMBEDDED_MODEL, metadata=option("HF hub id, local HF directory, or the embedded model.")
+    )
+    lora_rank: int = field(default=64, metadata=option("LoRA rank on all linear layers; 0 = full fine-tuning.", min=0))
+    lora_alpha: int | None = field(default=None, metadata=option("LoRA alpha (default: = lora_rank)."))
+    train_on_what: TrainOnWhat = field(
+        default="all_assistant_messages", metadata=option("Which assistant messages carry loss.")
+    )
+    max_length: int = field(default=2048, metadata=option("Max tokens per conversation; longer ones are cut.", min=2))
+    batch_size: int = field(default=16, metadata=option("Conversations per optimizer step.", min=1))
+    grad_accum_steps: int = field(
+        default=1, metadata=option("Forward/backward passes per step (memory only; same update).", min=1)
+    )
+    num_epochs: int = field(default=1, metadata=option("Passes over the training set.", min=1))
+    max_steps: int | None = field(
+        default=None, metadata=option("Stop after this many steps (default: num_epochs x steps per epoch).")
+    )
+    learning_rate: float = field(default=2e-4, metadata=option("AdamW peak learning rate.", min=0))
+    lr_schedule: Literal["linear", "cosine", "constant"] = field(
+        default="linear", metadata=option("Decay after warmup (reaching 0 at max_steps).")
+    )
+    warmup_steps: int = field(default=0, metadata=option("Linear warmup steps.", min=0))
+    weight_decay: float = field(default=0.0, metadata=option("AdamW weight decay.", min=0))
+    max_grad_norm: float = field(default=1.0, metadata=option("Gradient clipping (0 = off).", min=0))
+    eval_every: int = field(default=10, metadata=option("test/nll every N steps (0 = only at 0 and the end).", min=0))
+    save_every: int = field(default=20, metadata=option("Checkpoint every N steps (0 = only the final one).", min=0))
+    log_path: str | None = field(
+        default=None, metadata=option("Run directory (default runs/sft-<time>); reused = resume.")
+    )
+    seed: int = field(default=0, metadata=option("Seed for the data order, the held-out split and LoRA init."))
+    train_bf16: bool = field(default=True, metadata=option("bf16 autocast for the forward/backward."))
+    device: str | None = field(default=None, metadata=option("cpu, cuda, ... (default: cuda if available)."))
+    num_threads: int | None = field(default=None, metadata=option("torch CPU threads (default: all cores)."))
+
+
+# Keys that may change between a run and its resumption without changing what it computes.
+_RESUMABLE_CHANGES = {"max_steps", "eval_every", "save_every", "log_path", "num_threads", "grad_accum_steps"}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training sequence: its tokens and which of them are predicted with loss."""
+
+    tokens_T: tuple[int, ...]
+    loss_mask_T: tuple[bool, ...]  # token t carries loss (predicted from position t-1)
+    truncated: bool = False
+    problem_id: str = ""
+
+
+# --- pure parts: the loss mask and the learning-rate schedule -------------------------------
+
+
+def _render(tokenizer: Any, messages: Sequence[dict[str, Any]], generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(
+        list(messages), tokenize=True, add_generation_prompt=generation_prompt, return_dict=False
+    )
+    return list(out)
+
+
+def loss_mask(
+    tokenizer: Any, messages: Sequence[dict[str, Any]], train_on_what: TrainOnWhat, end_of_turn_ids: Sequence[int]
+) -> tuple[list[int], list[bool]]:
+    """Tokens of the conversation in the chat template, and which carry loss.
+
+    Assistant message i spans the tokens between the rendering of ``messages[:i]`` with the
+    generation prompt (so the header is excluded) and the rendering of ``messages[:i+1]``;
+    of that span, loss stops at its last end-of-turn token (any of ``end_of_turn_ids``), so
+    a template's separator after it (ChatML's newline) carries none. Each rendering must be
+    a prefix of the whole conversation's; a ValueError says which message breaks that.
+    """
+    tokens = _render(tokenizer, messages, generation_prompt=False)
+    mask = [False] * len(tokens)
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not assistant:
+        raise ValueError("the conversation has no assistant message")
+    if train_on_what == "last_assistant_message":
+        assistant = assistant[-1:]
+    end_ids = set(end_of_turn_ids)
+    for i in assistant:
+        start = _render(tokenizer, messages[:i], generation_prompt=True)
+        stop = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        for name, part in (("up to its header", start), ("up to its end", stop)):
+            if tokens[: len(part)] != part:
+                raise ValueError(
+                    f"the chat template does not render the conversation as a concatenation of its turns: "
+                    f"rendering messages[0..{i}] {name} is not a prefix of the whole conversation "
+                    "(a template that rewrites earlier turns needs train_on_what=last_assistant_message "
+                    "and the turn's prefix unchanged)"
+                )
+        lo, hi = len(start), len(stop)
+        ends = [t for t in range(lo, hi) if tokens[t] in end_ids]
+        if ends:
+            hi = ends[-1] + 1
+        mask[lo:hi] = [True] * (hi - lo)
+    return tokens, mask
+
+
+def truncate(tokens: Sequence[int], mask: Sequence[bool], max_length: int) -> tuple[list[int], list[bool], bool]:
+    """Drop trailing tokens without loss, then cut to ``max_length``; report whether loss tokens were cut."""
+    end = max((t for t, m in enumerate(mask) if m), default=-1) + 1
+    truncated = end > max_length
+    end = min(end, max_length)
+    return list(tokens[:end]), list(mask[:end]), truncated
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Factor on the peak learning rate at ``step`` (0-based): linear warmup to 1 over
+    ``warmup_steps`` steps (``(step+1)/warmup``), then constant, linear or cosine decay
+    that would reach 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(total_steps - warmup_steps, 1))
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"lr_schedule: unknown schedule {schedule!r}")
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+def read_conversations(path: str) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(problem_id, messages) per line of a chat JSONL file; errors name file:line:field."""
+    rows: list[tuple[str, list[dict[str, Any]]]] = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise FileNotFoundError(f"{path}: {e.strerror}") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
+            raise ValueError(f"{where}: messages: expected a non-empty list of {{role, content}} objects")
+        for j, m in enumerate(row["messages"]):
+            if not isinstance(m, dict):
+                raise ValueError(f"{where}: messages[{j}]: expected an object with role and content")
+            for key in ("role", "content"):
+                if not isinstance(m.get(key), str):
+                    raise ValueError(f"{where}: messages[{j}].{key}: expected a string, got {m.get(key)!r}")
+        if not any(m["role"] == "assistant" for m in row["messages"]):
+            raise ValueError(f"{where}: messages: no assistant message, so nothing to train on")
+        problem_id = row.get("problem_id", row.get("id"))
+        rows.append((str(problem_id) if problem_id is not None else f"{path}:{lineno}", row["messages"]))
+    if not rows:
+        raise ValueError(f"{path}: no conversations")
+    return rows
+
+
+def split_by_problem(
+    rows: list[tuple[str, list[dict[str, Any]]]], fraction: float, seed: int
+) -> tuple[list[tuple[str, list[dict[str, Any]]]], list[tuple[str, list[dict[str, Any]]]]]:
+    """(train, test): ``round(fraction * problems)`` problems (at least 1 when fraction > 0)
+    go to test, chosen by a seeded hash of the id, so no problem is in both."""
+    ids = sorted({pid for pid, _ in rows}, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    n_test = 0 if fraction <= 0 else max(1, round(fraction * len(ids)))
+    if fraction > 0 and n_test >= len(ids):
+        raise ValueError(f"test_fraction={fraction}: {len(ids)} problem(s) leave none to train on")
+    test_ids = set(ids[:n_test])
+    return [r for r in rows if r[0] not in test_ids], [r for r in rows if r[0] in test_ids]
+
+
+def make_examples(
+    rows: list[tuple[str, list[dict[str, Any]]]], tokenizer: Any, cfg: SFTConfig, source: str
+) -> list[Example]:
+    from mathrl.models import eos_token_ids
+
+    end_ids = eos_token_ids(tokenizer)
+    examples = []
+    for n, (pid, messages) in enumerate(rows):
+        try:
+            tokens, mask = loss_mask(tokenizer, messages, cfg.train_on_what, end_ids)
+        except ValueError as e:
+            raise ValueError(f"{source}: conversation {n + 1} (problem_id {pid}): {e}") from None
+        tokens, mask, cut = truncate(tokens, mask, cfg.max_length)
+        examples.append(Example(tuple(tokens), tuple(mask), cut, pid))
+    return examples
+
+
+def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The examples of ``step``: batch ``step % steps_per_epoch`` of epoch ``step // steps_per_epoch``'s shuffle."""
+    steps_per_epoch = n_examples // batch_size
+    epoch, pos = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n_examples)
+    return order[pos * batch_size : (pos + 1) * batch_size].tolist()
+
+
+# --- the model side ------------------------------------------------------------------------
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids_BT, attention_mask_BT, loss_mask_BT)``, padded to the longest."""
+    T = max(len(e.tokens_T) for e in examples)
+    ids_BT = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    attn_BT = torch.zeros((len(examples), T), dtype=torch.long)
+    loss_BT = torch.zeros((len(examples), T), dtype=torch.bool)
+    for b, e in enumerate(examples):
+        n = len(e.tokens_T)
+        ids_BT[b, :n] = torch.tensor(e.tokens_T)
+        attn_BT[b, :n] = 1
+        loss_BT[b, :n] = torch.tensor(e.loss_mask_T)
+    return ids_BT, attn_BT, loss_BT
+
+
+def nll_sum(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, chunk: int = 256) -> torch.Tensor:
+    """Sum of -log p over the loss tokens of ``examples``: the body once, then the LM head
+    and log-softmax only at positions that predict a loss token, ``chunk`` rows at a time."""
+    base = base_of(model)
+    device = next(model.parameters()).device
+    ids_BT, attn_BT, loss_BT = (t.to(device) for t in collate(examples, pad_id))
+    hidden_BTH = base.model(input_ids=ids_BT, attention_mask=attn_BT).last_hidden_state
+    pred_BT = loss_BT[:, 1:]  # position t-1 predicts token t
+    hidden_NH = hidden_BTH[:, :-1][pred_BT]
+    targets_N = ids_BT[:, 1:][pred_BT]
+    total = hidden_NH.new_zeros((), dtype=torch.float32)
+    for s in range(0, hidden_NH.shape[0], chunk):
+        logits_NV = base.lm_head(hidden_NH[s : s + chunk]).float()
+        total = total + torch.nn.functional.cross_entropy(logits_NV, targets_N[s : s + chunk], reduction="sum")
+    return total
+
+
+def micro_batches(examples: Sequence[Example], n: int) -> list[list[Example]]:
+    """``n`` micro-batches of length-sorted examples (similar lengths pad together)."""
+    ordered = sorted(examples, key=lambda e: len(e.tokens_T))
+    return [[ordered[i] for i in part] for part in np.array_split(np.arange(len(ordered)), n) if len(part)]
+
+
+def train_step(
+    policy: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    examples: Sequence[Example],
+    *,
+    lr: float,
+    grad_accum_steps: int,
+    pad_id: int,
+    bf16: bool,
+    max_grad_norm: float,
+) -> dict[str, float]:
+    """One SFT step: token-mean NLL over all loss tokens of ``examples``, accumulated over
+    ``grad_accum_steps`` micro-batches, then gradient clipping and one AdamW step at ``lr``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    n_loss = sum(sum(e.loss_mask_T) for e in examples)
+    device = next(policy.parameters()).device
+    optimizer.zero_grad(set_to_none=True)
+    total_nll = 0.0
+    for micro in micro_batches(examples, grad_accum_steps):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            nll = nll_sum(policy, micro, pad_id)
+        (nll / max(n_loss, 1)).backward()  # normalised by the whole step's tokens: accumulation = one batch
+        total_nll += float(nll.detach())
+    params = [p for p in policy.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    optimizer.step()
+    return {
+        "train_mean_nll": total_nll / max(n_loss, 1),
+        "optim/grad_norm": float(grad_norm),
+        "num_sequences": len(examples),
+        "num_tokens": sum(len(e.tokens_T) for e in examples),
+        "num_loss_tokens": n_loss,
+        "num_truncated": sum(e.truncated for e in examples),
+    }
+
+
+@torch.no_grad()
+def mean_nll(policy: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch: int, bf16: bool) -> float:
+    """Token-mean NLL of the loss tokens of ``examples`` (the held-out metric)."""
+    device = next(policy.parameters()).device
+    total, n_loss = 0.0, sum(sum(e.loss_mask_T) for e in examples)
+    for micro in micro_batches(examples, math.ceil(len(examples) / batch)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            total += float(nll_sum(policy, micro, pad_id))
+    return total / max(n_loss, 1)
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def sft(cfg: SFTConfig, progress: bool = True) -> Path:
+    """Run (or resume) supervised fine-tuning; return the run directory."""
+    log_path = Path(cfg.log_path or f"runs/sft-{datetime.now():%Y%m%d-%H%M%S}")
+    cfg = replace(cfg, log_path=str(log_path))
+    if cfg.test_file is None and cfg.test_fraction == 0:
+        print("note: no held-out set (test_fraction=0 and no test_file): test/nll is not measured")
+    log_path.mkdir(parents=True, exist_ok=True)
+    checkpoint = _check_resume(cfg, log_path)
+    atomic_write_text(log_path / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    # --- data: render, mask, truncate once --------------------------------------------------
+    tokenizer = load_tokenizer(cfg.model_name)
+    rows = read_conversations(cfg.train_file)
+    if cfg.test_file:
+        train_rows, test_rows = rows, read_conversations(cfg.test_file)
+    else:
+        train_rows, test_rows = split_by_problem(rows, cfg.test_fraction, cfg.seed)
+    train_set = make_examples(train_rows, tokenizer, cfg, cfg.train_file)
+    test_set = make_examples(test_rows, tokenizer, cfg, cfg.test_file or cfg.train_file)
+    if len(train_set) < cfg.batch_size:
+        raise ValueError(f"batch_size={cfg.batch_size}: only {len(train_set)} training conversations")
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.num_epochs * steps_per_epoch
+    n_cut = sum(e.truncated for e in train_set)
+    print(
+        f"sft: {len(train_set)} train / {len(test_set)} held-out conversations, {steps_per_epoch} steps per epoch, "
+        f"{max_steps} steps; {n_cut} truncated at max_length={cfg.max_length}"
+    )
+
+    # --- model and optimizer (as in mathrl train: with LoRA under autocast the frozen base is bf16)
+    frozen_bf16 = bool(cfg.lora_rank) and cfg.train_bf16
+    base_model = load_model(cfg.model_name, torch.bfloat16 if frozen_bf16 else torch.float32)
+    torch.manual_seed(cfg.seed)  # LoRA init draws random numbers: seed first (TRL #6688)
+    policy = wrap_lora(base_model, cfg.lora_rank, cfg.lora_alpha, autocast=frozen_bf16)
+    if checkpoint is not None:
+        from mathrl.train.rl import _load_weights
+
+        _load_weights(policy, checkpoint, cfg.lora_rank)
+    policy.to(device).train()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    start_step = 0
+    if checkpoint is not None:
+        state = load_trainer_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+    logger = MetricsLogger(log_path)
+    keep_rows(logger.path, lambda r: r["step"] < start_step)  # rows after the checkpoint are redone
+    keep_rows(log_path / "checkpoints.jsonl", lambda r: r["step"] <= start_step)
+    pad_id = tokenizer.pad_token_id
+    eval_batch = max(1, cfg.batch_size // cfg.grad_accum_steps)
+
+    def evaluate() -> dict[str, float]:
+        if not test_set:
+            return {}
+        t0 = time.time()
+        policy.eval()
+        nll = mean_nll(policy, test_set, pad_id, eval_batch, cfg.train_bf16)
+        policy.train()
+        return {"test/nll": nll, "time/eval": time.time() - t0}
+
+    def save(step: int, final: bool = False) -> None:
+        save_checkpoint(log_path, step, policy, tokenizer, {"optimizer": optimizer.state_dict()}, final=final)
+
+    bar = _ProgressBar(max_steps, start_step, enabled=progress)
+    run_start = time.time()
+    # --- the loop -------------------------------------------------------------------------
+    for step in range(start_step, max_steps):
+        t_step = time.time()
+        metrics: dict[str, float] = {}
+        if step == 0 or (cfg.eval_every and step % cfg.eval_every == 0):
+            metrics |= evaluate()
+        batch = [train_set[i] for i in batch_indices(len(train_set), cfg.batch_size, step, cfg.seed)]
+        lr = cfg.learning_rate * lr_multiplier(step, max_steps, cfg.warmup_steps, cfg.lr_schedule)
+        metrics |= train_step(
+            policy, optimizer, batch, lr=lr, grad_accum_steps=cfg.grad_accum_steps, pad_id=pad_id,
+            bf16=cfg.train_bf16, max_grad_norm=cfg.max_grad_norm,
+        )  # fmt: skip
+        metrics |= {"optim/lr": lr, "progress/epoch": (step + 1) / steps_per_epoch}
+        metrics["time/step"] = time.time() - t_step
+        metrics["time/total"] = time.time() - run_start
+        metrics["mem/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        logger.log(step, metrics)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < max_steps:
+            save(step + 1)
+        bar.update(step, metrics)
+
+    # --- the end: final checkpoint, then the held-out NLL of exactly those weights -----------
+    if start_step < max_steps or latest_checkpoint(log_path) is None:
+        save(max_steps, final=True)
+    final = evaluate()
+    logger.log(max_steps, {**final, "time/total": time.time() - run_start})
+    _plot(logger.rows(), log_path / "plot.png", title=f"sft | {cfg.model_name}")
+    bar.close(final)
+    return log_path
+
+
+def _check_resume(cfg: SFTConfig, log_path: Path) -> Path | None:
+    """The checkpoint to resume from; refuse when the saved config differs in what it computes."""
+    saved_file = log_path / "config.json"
+    if saved_file.exists():
+        saved = config_to_dict(config_from_dict(SFTConfig, json.loads(saved_file.read_text()), str(saved_file)))
+        changed = [k for k in diff_configs(saved, config_to_dict(cfg)) if k not in _RESUMABLE_CHANGES]
+        if changed:
+            raise ConfigError(
+                f"log_path {log_path} holds a run with a different config ({', '.join(changed)}); "
+                "use a new log_path to start a new run"
+            )
+    return latest_checkpoint(log_path)
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """train_mean_nll and test/nll per step, as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for key, label, style in (("train_mean_nll", "train NLL", "-"), ("test/nll", "held-out NLL", "o-")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, style, label=label, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("NLL per token")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class _ProgressBar:
+    """A rich progress bar showing step, train NLL, last held-out NLL and time per step."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.enabled = enabled
+        self.test = float("nan")
+        self.progress = Progress(
+            TextColumn("[bold]sft"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"), disable=not enabled,
+        )  # fmt: skip
+        self.task = self.progress.add_task("", total=total, completed=start)
+        self.progress.start()
+
+    def update(self, step: int, m: dict[str, float]) -> None:
+        self.test = m.get("test/nll", self.test)
+        desc = f"nll {m['train_mean_nll']:.3f} test {self.test:.3f} | {m['time/step']:.1f}s/step"
+        self.progress.update(self.task, completed=step + 1, description=desc)
+        if "test/nll" in m:
+            self.progress.console.print(f"step {step}: held-out nll {self.test:.4f}")
+
+    def close(self, final: dict[str, float]) -> None:
+        self.progress.stop()
+        if self.enabled:
+            print(f"final held-out nll {final.get('test/nll', math.nan):.4f}")
