@@ -9,7 +9,7 @@ rendered exactly as ``mathrl eval`` renders them, by:
 - HF generate, one prompt at a time: ``model.generate(ids, do_sample=False)``, the plain use
   and the reference outputs (no padding involved);
 - HF generate, batched: all prompts left-padded in one ``generate`` call (a stronger peer).
-Each system loads its own copy of the model in the same dtype. The table gives generated
+Each system has its own copy of the model in the same dtype. The table gives generated
 tokens, wall time, tokens/s, speed relative to each HF way, and how many replies are
 token-for-token identical to the one-at-a-time HF reference.
 """
@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from mathrl.data.datasets import load_problems
-from mathrl.models import EMBEDDED_MODEL, eos_token_ids, load_for_inference
+from mathrl.models import EMBEDDED_MODEL, eos_token_ids, load_for_inference, resolve_model_path
 from mathrl.prompts import math_messages, render_prompt
 from mathrl.rollout.backend import LocalBackend
 from mathrl.runtime import tune_allocator
@@ -59,7 +60,8 @@ def main() -> None:
     assert [len(c.tokens_T) for c in completions] == [s[0].num_tokens for s in samples]
     rows["mathrl"] = ([list(c.tokens_T) for c in completions], wall)
 
-    hf, _ = load_for_inference(EMBEDDED_MODEL, dtype)
+    # the peer: the model as plain transformers loads it (its default attention), no mathrl code
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model_path(EMBEDDED_MODEL), dtype=dtype).eval()
     hf.generation_config.pad_token_id = tokenizer.pad_token_id
     settings = dict(max_new_tokens=a.max_tokens, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
 

@@ -90,9 +90,12 @@ def eos_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 def load_model(model_name: str, dtype: torch.dtype = torch.float32, attn: str | None = None) -> PreTrainedModel:
     """Load a causal LM. On the CPU, eager attention beats SDPA at our short lengths
-    (SDPA's CPU flash-attention backward alone took a quarter of a training step)."""
+    (SDPA's CPU flash-attention backward alone took a quarter of a training step); it runs
+    as :mod:`mathrl.attention`'s grouped variant, which does not copy the key/value heads."""
     if attn is None and not torch.cuda.is_available():
-        attn = "eager"
+        from mathrl.attention import register
+
+        attn = register()
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_name), dtype=dtype, attn_implementation=attn)
     model.config.use_cache = False
     return model
