@@ -14,23 +14,34 @@ _CURVES = [
 ]
 
 
-def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Plot train/test reward and accuracy per step; written atomically."""
+def plot_metrics(
+    rows: Sequence[dict[str, Any]],
+    path: Path,
+    title: str = "",
+    curves: Sequence[tuple[str, str, str]] = _CURVES,
+    ylabel: str = "",
+    ylim: tuple[float, float] | None = (-0.02, 1.02),
+) -> None:
+    """Plot ``curves`` (metric key, label, line style) per step; written atomically.
+    By default train/test reward and accuracy of ``mathrl train``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for key, label, style in _CURVES:
+    for key, label, style in curves:
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, style, label=label, markersize=4)
     ax.set_xlabel("step")
-    ax.set_ylim(-0.02, 1.02)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     ax.set_title(title)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")

@@ -14,6 +14,7 @@ generated again; changed generation settings are refused (they would mix two run
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +28,7 @@ from mathrl.config import option
 from mathrl.data.datasets import DataError, load_problems
 from mathrl.eval.metrics import BenchmarkSummary, summarize
 from mathrl.eval.report import write_reports
-from mathrl.eval.runner import GenSettings, evaluate, items_from_problems, to_results
+from mathrl.eval.runner import EvalItem, GenSettings, evaluate, items_from_problems, to_results
 from mathrl.models import EMBEDDED_MODEL
 from mathrl.prompts import TINKER_SUFFIX
 from mathrl.rollout.backend import ChatBackend, LocalBackend
@@ -122,31 +123,49 @@ def _run_one(
     folder: Path,
     console: Console,
 ) -> BenchmarkSummary:
+    _, rows = generate_and_grade(cfg, _GENERATION_KEYS, backend, label, bench, problems, folder, console, cfg.regrade)
+    summary = summarize(bench, to_results(rows))
+    atomic_write_text(folder / f"{bench}.summary.json", json.dumps(asdict(summary), indent=2) + "\n")
+    return summary
+
+
+def generate_and_grade(
+    cfg: Any,
+    generation_keys: Sequence[str],
+    backend: ChatBackend,
+    label: str,
+    name: str,
+    problems: list[Any],
+    folder: Path,
+    console: Console,
+    regrade: bool = False,
+) -> tuple[list[EvalItem], list[dict[str, Any]]]:
+    """The samples of one model on one dataset, graded, as per-problem rows in
+    ``folder/<name>.jsonl`` (resumed; refused when ``generation_keys`` of ``cfg`` changed).
+    What ``mathrl eval`` and ``mathrl distill`` share: ``cfg`` has their prompt and sampling fields."""
     folder.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(cfg, k) for k in _GENERATION_KEYS}
-    keep_settings(folder / f"{bench}.settings.json", settings, f"output_dir={cfg.output_dir}: {label}/{bench}")
-    style = cfg.style or ("gsm8k" if bench == "gsm8k" else "boxed")
+    settings = {k: getattr(cfg, k) for k in generation_keys}
+    keep_settings(folder / f"{name}.settings.json", settings, f"output_dir={cfg.output_dir}: {label}/{name}")
+    style = cfg.style or ("gsm8k" if name == "gsm8k" else "boxed")
     items = items_from_problems(
         problems, suffix=cfg.suffix, few_shot=cfg.few_shot, system_prompt=cfg.system_prompt, style=style
     )
     gen = GenSettings(cfg.n, cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.seed)
     with Progress(
-        TextColumn(f"{label} / {bench}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        TextColumn(f"{label} / {name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as progress:
-        task = progress.add_task("eval", total=len(items))
+        task = progress.add_task(name, total=len(items))
         rows = evaluate(
             backend,
             items,
             gen,
-            out_path=folder / f"{bench}.jsonl",
+            out_path=folder / f"{name}.jsonl",
             chunk_size=cfg.chunk_size,
             grading_timeout=cfg.grading_timeout,
             on_chunk=lambda done, total: progress.update(task, completed=done),
-            regrade=cfg.regrade,
+            regrade=regrade,
         )
-    summary = summarize(bench, to_results(rows))
-    atomic_write_text(folder / f"{bench}.summary.json", json.dumps(asdict(summary), indent=2) + "\n")
-    return summary
+    return items, rows
 
 
 def keep_settings(path: Path, settings: dict[str, Any], what: str) -> None:

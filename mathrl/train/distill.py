@@ -33,17 +33,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mathrl import traces as tr
 from mathrl.config import option
 from mathrl.data.datasets import DataError, load_problems, parse_fields, split_list
-from mathrl.eval.command import bench_name, keep_settings, model_backends
-from mathrl.eval.runner import EvalItem, GenSettings, evaluate, items_from_problems
+from mathrl.eval.command import bench_name, generate_and_grade, model_backends
+from mathrl.eval.runner import EvalItem
 from mathrl.models import EMBEDDED_MODEL
 from mathrl.prompts import TINKER_SUFFIX, math_messages
-from mathrl.rollout.backend import ChatBackend
 from mathrl.tracking import atomic_write_text, write_jsonl
 from mathrl.types import Problem
 
@@ -125,7 +123,7 @@ def run_distill(cfg: DistillConfig) -> Path:
         backend = make_backend()
         for dataset, problems in problem_sets.items():
             folder = out_dir / label.replace("/", "__")
-            items, rows = _generate(cfg, backend, label, dataset, problems, folder, console)
+            items, rows = generate_and_grade(cfg, _GENERATION_KEYS, backend, label, dataset, problems, folder, console)
             kept = distilled_traces(
                 problems, items, rows, source=label, dataset=dataset, keep_truncated=cfg.keep_truncated
             )
@@ -170,39 +168,6 @@ def load_dataset(
         raise ValueError(f"{key}: {name}: no problems left after levels={levels!r}, subjects={subjects!r}")
     print(f"{name}: {loaded.describe()}")
     return loaded.problems
-
-
-def _generate(
-    cfg: DistillConfig,
-    backend: ChatBackend,
-    label: str,
-    dataset: str,
-    problems: list[Problem],
-    folder: Path,
-    console: Console,
-) -> tuple[list[EvalItem], list[dict[str, Any]]]:
-    folder.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(cfg, k) for k in _GENERATION_KEYS}
-    keep_settings(folder / f"{dataset}.settings.json", settings, f"output_dir={cfg.output_dir}: {label}/{dataset}")
-    style = cfg.style or ("gsm8k" if dataset == "gsm8k" else "boxed")
-    items = items_from_problems(
-        problems, suffix=cfg.suffix, few_shot=cfg.few_shot, system_prompt=cfg.system_prompt, style=style
-    )
-    gen = GenSettings(cfg.n, cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.seed)
-    with Progress(
-        TextColumn(f"{label} / {dataset}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as progress:
-        task = progress.add_task("distill", total=len(items))
-        rows = evaluate(
-            backend,
-            items,
-            gen,
-            out_path=folder / f"{dataset}.jsonl",
-            chunk_size=cfg.chunk_size,
-            grading_timeout=cfg.grading_timeout,
-            on_chunk=lambda done, total: progress.update(task, completed=done),
-        )
-    return items, rows
 
 
 def distilled_traces(

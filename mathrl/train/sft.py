@@ -47,6 +47,7 @@ import torch
 from mathrl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from mathrl.config import ConfigError, config_from_dict, config_to_dict, diff_configs, option
 from mathrl.models import EMBEDDED_MODEL, base_of, load_model, load_tokenizer, wrap_lora
+from mathrl.plots import plot_metrics
 from mathrl.tracking import MetricsLogger, atomic_write_text, keep_rows
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -449,7 +450,8 @@ def sft(cfg: SFTConfig, progress: bool = True) -> Path:
         save(max_steps, final=True)
     final = evaluate()
     logger.log(max_steps, {**final, "time/total": time.time() - run_start})
-    _plot(logger.rows(), log_path / "plot.png", title=f"sft | {cfg.model_name}")
+    plot_metrics(logger.rows(), log_path / "plot.png", title=f"sft | {cfg.model_name}", curves=_CURVES,
+                 ylabel="NLL per token", ylim=None)  # fmt: skip
     bar.close(final)
     return log_path
 
@@ -468,29 +470,7 @@ def _check_resume(cfg: SFTConfig, log_path: Path) -> Path | None:
     return latest_checkpoint(log_path)
 
 
-def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """train_mean_nll and test/nll per step, as a PNG (written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for key, label, style in (("train_mean_nll", "train NLL", "-"), ("test/nll", "held-out NLL", "o-")):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, style, label=label, markersize=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("NLL per token")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
-    ax.set_title(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+_CURVES = (("train_mean_nll", "train NLL", "-"), ("test/nll", "held-out NLL", "o-"))
 
 
 class _ProgressBar:
