@@ -89,3 +89,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not ((p / "adapter_config.json").exists() or (p / "config.json").exists()):
         raise ValueError(f"{path}: neither a mathrl run nor a checkpoint (no adapter_config.json or config.json)")
     return p.resolve()
+
+
+def load_weights(policy: torch.nn.Module, checkpoint: Path, lora_rank: int) -> None:
+    """Load a checkpoint's trained weights into ``policy``: the LoRA adapter, or the full weights."""
+    from safetensors.torch import load_file
+
+    if lora_rank:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(policy, load_file(checkpoint / "adapter_model.safetensors"))
+    else:
+        state: dict[str, torch.Tensor] = {}
+        for f in sorted(checkpoint.glob("*.safetensors")):
+            state |= load_file(f)
+        missing, unexpected = policy.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise RuntimeError(f"{checkpoint}: checkpoint does not match the model ({missing[:3]}, {unexpected[:3]})")

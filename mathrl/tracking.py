@@ -69,3 +69,36 @@ class MetricsLogger:
 
     def rows(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path)
+
+
+class ProgressBar:
+    """A rich progress bar for a training loop: step, ``summary`` of the step's metrics, the last
+    value of ``test_key`` and time per step; a printed line whenever ``test_key`` is measured."""
+
+    def __init__(
+        self, name: str, total: int, start: int, enabled: bool, test_key: str, test_label: str,
+        summary: Callable[[dict[str, float]], str], digits: int,
+    ):  # fmt: skip
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.enabled, self.test_key, self.test_label = enabled, test_key, test_label
+        self.summary, self.digits = summary, digits
+        self.test = float("nan")
+        self.progress = Progress(
+            TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"), disable=not enabled,
+        )  # fmt: skip
+        self.task = self.progress.add_task("", total=total, completed=start)
+        self.progress.start()
+
+    def update(self, step: int, m: dict[str, float]) -> None:
+        self.test = m.get(self.test_key, self.test)
+        desc = f"{self.summary(m)} test {self.test:.3f} | {m['time/step']:.1f}s/step"
+        self.progress.update(self.task, completed=step + 1, description=desc)
+        if self.test_key in m:
+            self.progress.console.print(f"step {step}: {self.test_label} {self.test:.{self.digits}f}")
+
+    def close(self, final: dict[str, float]) -> None:
+        self.progress.stop()
+        if self.enabled:
+            print(f"final {self.test_label} {final.get(self.test_key, float('nan')):.{self.digits}f}")

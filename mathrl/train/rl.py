@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from mathrl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from mathrl.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint, set_rng_state
 from mathrl.config import ConfigError, config_from_dict, config_to_dict, diff_configs, option
 from mathrl.envs.base import SingleTurnBuilder
 from mathrl.envs.registry import make_dataset
@@ -49,7 +49,7 @@ from mathrl.rollout.backend import LocalBackend
 from mathrl.rollout.metrics import group_metrics
 from mathrl.rollout.runner import run_groups
 from mathrl.rollout.sampler import TorchSampler
-from mathrl.tracking import MetricsLogger, atomic_write_text, keep_rows, write_jsonl
+from mathrl.tracking import MetricsLogger, ProgressBar, atomic_write_text, keep_rows, write_jsonl
 from mathrl.types import TrajectoryGroup
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -163,11 +163,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     torch.manual_seed(cfg.seed)  # LoRA init draws random numbers: seed first (TRL #6688)
     policy = wrap_lora(base_model, cfg.lora_rank, cfg.lora_alpha, autocast=frozen_bf16)
     if start is not None and _is_adapter(start) and cfg.load_checkpoint_mode == "continue":
-        _load_weights(policy, start, cfg.lora_rank)  # the same adapter keeps training
+        load_weights(policy, start, cfg.lora_rank)  # the same adapter keeps training
     elif start is not None and cfg.lora_rank:  # new adapters over the loaded weights: say so for loaders
         policy.peft_config["default"].base_model_name_or_path = str(start)  # type: ignore[index, operator, union-attr]
     if checkpoint is not None:
-        _load_weights(policy, checkpoint, cfg.lora_rank)
+        load_weights(policy, checkpoint, cfg.lora_rank)
     policy.to(device).train()
     # No requires_grad_(False) here: measured on torch 2.13 CPU, bf16 decoding with frozen
     # parameters ran 5x slower and peaked at 12 GB. inference_mode already skips autograd.
@@ -220,7 +220,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         save_checkpoint(log_path, step, policy, tokenizer, state, final=final)
 
-    bar = _ProgressBar(cfg.max_steps, start_step, enabled=progress)
+    bar = ProgressBar("train", cfg.max_steps, start_step, progress, "test/env/all/correct", "test correct",
+                      _bar_summary, digits=3)  # fmt: skip
     run_start = time.time()
     # --- the loop -------------------------------------------------------------------------
     for step in range(start_step, cfg.max_steps):
@@ -366,22 +367,6 @@ def _to(batch: Batch, device: torch.device) -> Batch:
     return batch if device.type == "cpu" else batch.to(device)
 
 
-def _load_weights(policy: torch.nn.Module, checkpoint: Path, lora_rank: int) -> None:
-    from safetensors.torch import load_file
-
-    if lora_rank:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(policy, load_file(checkpoint / "adapter_model.safetensors"))
-    else:
-        state: dict[str, torch.Tensor] = {}
-        for f in sorted(checkpoint.glob("*.safetensors")):
-            state |= load_file(f)
-        missing, unexpected = policy.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if "lm_head" not in k]:
-            raise RuntimeError(f"{checkpoint}: checkpoint does not match the model ({missing[:3]}, {unexpected[:3]})")
-
-
 def _is_adapter(checkpoint: Path) -> bool:
     return (checkpoint / "adapter_config.json").exists()
 
@@ -478,37 +463,12 @@ def _save_rollouts(log_path: Path, step: int, groups: list[TrajectoryGroup], tok
     write_jsonl(folder / f"step_{step:06d}.jsonl", rows)
 
 
+def _bar_summary(m: dict[str, float]) -> str:
+    return f"reward {m.get('env/all/reward/total', math.nan):.3f} correct {m.get('env/all/correct', math.nan):.3f}"
+
+
 def _warn_truncation(rows: list[dict[str, Any]]) -> None:
     """Reward stuck at 0 because max_tokens cuts answers short is a classic (tinker #180)."""
     recent = [r["env/all/frac_truncated"] for r in rows[-5:] if "env/all/frac_truncated" in r]
     if recent and sum(recent) / len(recent) > 0.5:
         print(f"warning: {sum(recent) / len(recent):.0%} of recent completions hit max_tokens; consider raising it")
-
-
-class _ProgressBar:
-    """A rich progress bar showing step, reward, test accuracy and time per step."""
-
-    def __init__(self, total: int, start: int, enabled: bool):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.enabled = enabled
-        self.test = float("nan")
-        self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.description}"), disable=not enabled,
-        )  # fmt: skip
-        self.task = self.progress.add_task("", total=total, completed=start)
-        self.progress.start()
-
-    def update(self, step: int, m: dict[str, float]) -> None:
-        self.test = m.get("test/env/all/correct", self.test)
-        reward, correct = m.get("env/all/reward/total", math.nan), m.get("env/all/correct", math.nan)
-        desc = f"reward {reward:.3f} correct {correct:.3f} test {self.test:.3f} | {m['time/step']:.1f}s/step"
-        self.progress.update(self.task, completed=step + 1, description=desc)
-        if "test/env/all/correct" in m:
-            self.progress.console.print(f"step {step}: test correct {self.test:.3f}")
-
-    def close(self, final: dict[str, float]) -> None:
-        self.progress.stop()
-        if self.enabled:
-            print(f"final test correct {final.get('test/env/all/correct', math.nan):.3f}")

@@ -44,11 +44,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from mathrl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from mathrl.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint, set_rng_state
 from mathrl.config import ConfigError, config_from_dict, config_to_dict, diff_configs, option
 from mathrl.models import EMBEDDED_MODEL, base_of, load_model, load_tokenizer, wrap_lora
 from mathrl.plots import plot_metrics
-from mathrl.tracking import MetricsLogger, atomic_write_text, keep_rows
+from mathrl.tracking import MetricsLogger, ProgressBar, atomic_write_text, keep_rows
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -392,9 +392,7 @@ def sft(cfg: SFTConfig, progress: bool = True) -> Path:
     torch.manual_seed(cfg.seed)  # LoRA init draws random numbers: seed first (TRL #6688)
     policy = wrap_lora(base_model, cfg.lora_rank, cfg.lora_alpha, autocast=frozen_bf16)
     if checkpoint is not None:
-        from mathrl.train.rl import _load_weights
-
-        _load_weights(policy, checkpoint, cfg.lora_rank)
+        load_weights(policy, checkpoint, cfg.lora_rank)
     policy.to(device).train()
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -422,7 +420,8 @@ def sft(cfg: SFTConfig, progress: bool = True) -> Path:
     def save(step: int, final: bool = False) -> None:
         save_checkpoint(log_path, step, policy, tokenizer, {"optimizer": optimizer.state_dict()}, final=final)
 
-    bar = _ProgressBar(max_steps, start_step, enabled=progress)
+    bar = ProgressBar("sft", max_steps, start_step, progress, "test/nll", "held-out nll",
+                      lambda m: f"nll {m['train_mean_nll']:.3f}", digits=4)  # fmt: skip
     run_start = time.time()
     # --- the loop -------------------------------------------------------------------------
     for step in range(start_step, max_steps):
@@ -471,31 +470,3 @@ def _check_resume(cfg: SFTConfig, log_path: Path) -> Path | None:
 
 
 _CURVES = (("train_mean_nll", "train NLL", "-"), ("test/nll", "held-out NLL", "o-"))
-
-
-class _ProgressBar:
-    """A rich progress bar showing step, train NLL, last held-out NLL and time per step."""
-
-    def __init__(self, total: int, start: int, enabled: bool):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.enabled = enabled
-        self.test = float("nan")
-        self.progress = Progress(
-            TextColumn("[bold]sft"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.description}"), disable=not enabled,
-        )  # fmt: skip
-        self.task = self.progress.add_task("", total=total, completed=start)
-        self.progress.start()
-
-    def update(self, step: int, m: dict[str, float]) -> None:
-        self.test = m.get("test/nll", self.test)
-        desc = f"nll {m['train_mean_nll']:.3f} test {self.test:.3f} | {m['time/step']:.1f}s/step"
-        self.progress.update(self.task, completed=step + 1, description=desc)
-        if "test/nll" in m:
-            self.progress.console.print(f"step {step}: held-out nll {self.test:.4f}")
-
-    def close(self, final: dict[str, float]) -> None:
-        self.progress.stop()
-        if self.enabled:
-            print(f"final held-out nll {final.get('test/nll', math.nan):.4f}")
