@@ -5,6 +5,11 @@ import pytest
 from mathrl.envs.arithmetic import ArithmeticConfig, ArithmeticDataset
 from mathrl.envs.base import SingleTurnEnv
 from mathrl.envs.registry import env_options
+from mathrl.types import Action, Message
+
+
+def reply(text: str) -> Action:
+    return Action(text, Message("assistant", text))
 
 
 @pytest.mark.parametrize(
@@ -20,7 +25,7 @@ from mathrl.envs.registry import env_options
 )
 def test_env_grades_the_last_number_through_mathrl_grading(text, correct, formatted):
     env = SingleTurnEnv((), "42", style="last_number", format_coef=0.1)
-    result = env.step(text)
+    result = env.step(reply(text))
     assert result.metrics["correct"] == float(correct)
     assert result.metrics["format"] == float(formatted)
     assert result.reward == pytest.approx(float(correct) - (0.0 if formatted else 0.1))
@@ -57,8 +62,8 @@ def test_env_prompt_has_one_shot_example_and_rewards_exact_answer():
     assert len(envs) == 4
     msgs = envs[0].initial_messages()
     assert [m.role for m in msgs] == ["user", "assistant", "user"]
-    assert envs[0].step(builder.reference).reward == 1.0
-    assert envs[0].step(str(int(builder.reference) + 1)).reward == 0.0
+    assert envs[0].step(reply(builder.reference)).reward == 1.0
+    assert envs[0].step(reply(str(int(builder.reference) + 1))).reward == 0.0
 
 
 def test_operators_option():

@@ -1,27 +1,61 @@
-"""The Env protocol, group builders and RL datasets.
+"""The Env contract, group builders and RL datasets.
 
-An Env is one episode: it gives the opening messages, then answers each action with a
-StepResult (reward, done, and the messages that follow when the episode goes on, such
-as a tool's output). Single-turn math is the case ``max_turns == 1``; nothing here
-assumes it. A GroupBuilder makes the ``group_size`` envs of one problem; an RLDataset
-hands out the builders of batch ``i`` as a pure function of ``i`` (so resuming at step
-``i`` needs no replay).
+An Env is one episode: it gives the opening messages (and the tools the model may call),
+then answers each action, the sampled reply parsed into content and tool calls, with a
+StepResult (reward, done, the messages that follow when the episode goes on, such as a
+tool's output). Envs are stepped in batches: :func:`step_envs` hands every env of one
+class its actions of this turn in one :meth:`Env.step_batch` call, so a turn of 64
+episodes grades 64 answers in one parallel grading call, or runs 64 tool calls at once in
+the sandbox. The default ``step_batch`` just calls ``step`` per env.
+
+A GroupBuilder makes the ``group_size`` envs of one problem; an RLDataset hands out the
+builders of batch ``i`` as a pure function of ``i`` (so resuming at step ``i`` needs no replay).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol
 
-from mathrl.grading import Grade, grade_batch
-from mathrl.types import Message, StepResult
+from mathrl.grading import grade_batch
+from mathrl.tools.formats import Tool
+from mathrl.types import Action, Message, StepResult
 
 
-class Env(Protocol):
-    def initial_messages(self) -> list[Message]: ...
+class Env:
+    """One episode. Subclasses give ``initial_messages`` and ``step`` (or ``step_batch``)."""
 
-    def step(self, action: str) -> StepResult: ...
+    tools: ClassVar[tuple[Tool, ...]] = ()
+    """Tools the model may call; the renderer describes them and parses calls to them."""
+
+    def initial_messages(self) -> list[Message]:
+        raise NotImplementedError
+
+    def step(self, action: Action) -> StepResult:
+        raise NotImplementedError
+
+    @classmethod
+    def step_batch(cls, envs: Sequence[Env], actions: Sequence[Action]) -> list[StepResult]:
+        """Step many envs of this class at once (override to batch grading or tool calls)."""
+        return [env.step(action) for env, action in zip(envs, actions, strict=True)]
+
+    def close(self) -> None:
+        """Release what the episode holds (a sandbox session); called when it ends."""
+
+
+def step_envs(envs: Sequence[Env], actions: Sequence[Action]) -> list[StepResult]:
+    """Step every env with its action: one :meth:`Env.step_batch` call per env class."""
+    results: list[StepResult | None] = [None] * len(envs)
+    by_class: dict[type[Env], list[int]] = {}
+    for i, env in enumerate(envs):
+        by_class.setdefault(type(env), []).append(i)
+    for cls, members in by_class.items():
+        stepped = cls.step_batch([envs[i] for i in members], [actions[i] for i in members])
+        for i, result in zip(members, stepped, strict=True):
+            results[i] = result
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
 
 
 class GroupBuilder(Protocol):
@@ -39,21 +73,8 @@ class RLDataset(Protocol):
     def test_builders(self) -> Sequence[GroupBuilder]: ...
 
 
-@runtime_checkable
-class GradedEnv(Env, Protocol):
-    """An env whose step is the grading of its final answer. The runner grades a whole
-    turn of such envs in one :func:`mathrl.grading.grade_batch` call (in parallel, under
-    hard timeouts) and hands each its :class:`Grade`."""
-
-    def grading_request(self, action: str) -> tuple[str, str, str]:
-        """(response, reference, style) to grade."""
-        ...
-
-    def step_graded(self, action: str, grade: Grade, num_tokens: int = 0) -> StepResult: ...
-
-
-@dataclass(frozen=True)
-class SingleTurnEnv:
+@dataclass(frozen=True, eq=False)
+class SingleTurnEnv(Env):
     """One question, one answer, graded by :mod:`mathrl.grading` against ``reference``.
 
     reward = correct + format_coef * (formatted - 1) - length_penalty * tokens / 1000,
@@ -71,22 +92,28 @@ class SingleTurnEnv:
     def initial_messages(self) -> list[Message]:
         return list(self.messages)
 
-    def grading_request(self, action: str) -> tuple[str, str, str]:
-        return action, self.reference, self.style
+    def step(self, action: Action) -> StepResult:
+        return self.step_batch([self], [action])[0]
 
-    def step(self, action: str) -> StepResult:
-        return self.step_graded(action, grade_batch([action], [self.reference], style=self.style)[0])
-
-    def step_graded(self, action: str, grade: Grade, num_tokens: int = 0) -> StepResult:
-        formatted = grade.answer is not None
-        reward = float(grade.correct) + self.format_coef * (float(formatted) - 1.0)
-        reward -= self.length_penalty * num_tokens / 1000
-        metrics = {
-            "correct": float(grade.correct),
-            "format": float(formatted),
-            "grader_timeout": float(grade.timed_out),
-        }
-        return StepResult(reward=reward, episode_done=True, metrics=metrics)
+    @classmethod
+    def step_batch(cls, envs: Sequence[Env], actions: Sequence[Action]) -> list[StepResult]:
+        """All answers of the turn graded in one parallel :func:`grade_batch` call."""
+        singles = [env for env in envs if isinstance(env, SingleTurnEnv)]
+        grades = grade_batch(
+            [a.text for a in actions], [e.reference for e in singles], style=[e.style for e in singles]
+        )
+        results = []
+        for env, action, grade in zip(singles, actions, grades, strict=True):
+            formatted = grade.answer is not None
+            reward = float(grade.correct) + env.format_coef * (float(formatted) - 1.0)
+            reward -= env.length_penalty * action.num_tokens / 1000
+            metrics = {
+                "correct": float(grade.correct),
+                "format": float(formatted),
+                "grader_timeout": float(grade.timed_out),
+            }
+            results.append(StepResult(reward, True, metrics=metrics, logs={"answer": grade.answer}))
+        return results
 
 
 @dataclass(frozen=True)

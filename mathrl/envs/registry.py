@@ -10,6 +10,7 @@ from typing import Any
 from mathrl.envs.arithmetic import ArithmeticConfig, ArithmeticDataset
 from mathrl.envs.base import RLDataset
 from mathrl.envs.math import MathConfig, MathDataset, is_dataset_name
+from mathrl.envs.math_python import MathPythonConfig, MathPythonDataset
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ ENVS: dict[str, EnvSpec] = {
     "arithmetic": EnvSpec(ArithmeticConfig, ArithmeticDataset, "What is x + y? (operands/operators are options)"),
     "math": EnvSpec(MathConfig, _math_env("math"), "Hendrycks MATH, boxed answers; tested on MATH-500"),
     "gsm8k": EnvSpec(MathConfig, _math_env("gsm8k"), "GSM8K word problems; boxed, '####' or 'The answer is N'"),
+    "math_python": EnvSpec(
+        MathPythonConfig, MathPythonDataset, "any math source (env_args.dataset) with a sandboxed python tool"
+    ),
 }
 ANY_DATASET = "any dataset name, .jsonl/.json/.csv/.parquet file or hub id: a math env over it"
 

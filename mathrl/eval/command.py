@@ -9,6 +9,11 @@ Output layout (``output_dir``)::
 
 Rerunning with the same ``output_dir`` resumes: finished problems are read back, not
 generated again; changed generation settings are refused (they would mix two runs).
+
+``tools=python`` runs every sample as an episode of :mod:`mathrl.envs.math_python` (the model
+may call a sandboxed Python tool; ``tool_args.KEY=VALUE`` sets its options): the table then
+has the tool columns (mean turns, tool calls, errors, valid calls) and each sample keeps the
+whole conversation.
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mathrl.config import option
 from mathrl.data.datasets import DataError, load_problems
+from mathrl.envs.math_python import MathPythonEnv, ToolOptions, tool_messages
 from mathrl.eval.metrics import BenchmarkSummary, summarize
 from mathrl.eval.report import write_reports
 from mathrl.eval.runner import EvalItem, GenSettings, evaluate, items_from_problems, to_results
 from mathrl.models import EMBEDDED_MODEL
 from mathrl.prompts import TINKER_SUFFIX
 from mathrl.rollout.backend import ChatBackend, LocalBackend
+from mathrl.tools.formats import PARSER_CHOICES
 from mathrl.tracking import atomic_write_text
 
 
@@ -57,6 +64,19 @@ class EvalConfig:
     few_shot: int = field(default=0, metadata=option("Solved examples before each problem (0-2).", min=0, max=2))
     system_prompt: str = field(default="", metadata=option("Optional system message."))
     style: str = field(default="", metadata=option("Answer extraction: boxed or gsm8k (default: by benchmark)."))
+    tools: str = field(
+        default="",
+        metadata=option("python: the model may call a sandboxed Python tool (episodes).", choices=("", "python")),
+    )
+    tool_args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=option("Tool options, e.g. tool_args.max_tool_calls=4 (see math_python's env_args)."),
+    )
+    tool_parser: str = field(
+        default="auto",
+        metadata=option("Tool-call format (local models): auto, hermes, qwen3_coder.", choices=PARSER_CHOICES),
+    )
+    max_turns: int = field(default=10, metadata=option("Most turns per episode with tools.", min=1))
     dtype: Literal["bf16", "fp32"] = field(
         default="bf16",
         metadata=option("Local weights: bf16 is ~3x faster on CPU; fp32 gives the same answers however batched."),
@@ -76,7 +96,8 @@ class EvalConfig:
 
 
 _GENERATION_KEYS = ("split", "n", "temperature", "top_p", "max_tokens", "seed", "suffix", "few_shot",
-                    "system_prompt", "style", "chunk_size", "limit")  # fmt: skip
+                    "system_prompt", "style", "chunk_size", "limit", "tools", "tool_args", "tool_parser",
+                    "max_turns")  # fmt: skip
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, list[BenchmarkSummary]]:
@@ -150,7 +171,13 @@ def generate_and_grade(
     items = items_from_problems(
         problems, suffix=cfg.suffix, few_shot=cfg.few_shot, system_prompt=cfg.system_prompt, style=style
     )
-    gen = GenSettings(cfg.n, cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+    if getattr(cfg, "tools", ""):
+        options = tool_options(cfg.tool_args)
+        items = [
+            _tool_item(item, problem.problem + cfg.suffix, options)
+            for item, problem in zip(items, problems, strict=True)
+        ]
+    gen = GenSettings(cfg.n, cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.seed, getattr(cfg, "max_turns", 10))
     with Progress(
         TextColumn(f"{label} / {name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as progress:
@@ -166,6 +193,28 @@ def generate_and_grade(
             regrade=regrade,
         )
     return items, rows
+
+
+def tool_options(args: dict[str, Any]) -> ToolOptions:
+    """``tool_args`` as the tool's options, with errors that name the key."""
+    from dataclasses import fields
+
+    names = [f.name for f in fields(ToolOptions)]
+    unknown = sorted(set(args) - set(names))
+    if unknown:
+        raise ValueError(f"tool_args.{unknown[0]}: not a tool option; options: {', '.join(names)}")
+    try:
+        return ToolOptions(**args)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"tool_args: {e}".replace("env_args.", "tool_args.")) from None
+
+
+def _tool_item(item: EvalItem, question: str, options: ToolOptions) -> EvalItem:
+    messages = tool_messages(question, options)
+    return EvalItem(
+        item.id, messages, item.reference, item.style,
+        make_env=lambda: MathPythonEnv(messages, item.reference, item.style, options),
+    )  # fmt: skip
 
 
 def keep_settings(path: Path, settings: dict[str, Any], what: str) -> None:
@@ -211,8 +260,9 @@ def model_backends(cfg: ModelOptions) -> list[tuple[str, Any]]:
     labels = [x.strip() for x in cfg.labels.split(",") if x.strip()]
     entries: list[tuple[str, Any]] = []
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    parser = getattr(cfg, "tool_parser", "auto")
     for name in names:
-        entries.append((name, lambda name=name: LocalBackend.load(name, dtype)))
+        entries.append((name, lambda name=name: LocalBackend.load(name, dtype, tool_parser=parser)))
     if cfg.base_url:
         if not cfg.api_model:
             raise ValueError("api_model: required with base_url (the model name the endpoint serves)")

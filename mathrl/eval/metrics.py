@@ -167,13 +167,15 @@ def pass1_ci(correct: Sequence[Sequence[bool]], confidence: float = 0.95) -> tup
 
 @dataclass(frozen=True)
 class ProblemResult:
-    """The graded samples of one problem: per-sample correct flag, vote key, token count, truncation."""
+    """The graded samples of one problem: per-sample correct flag, vote key, token count, truncation;
+    for tool episodes, per sample (turns, tool calls, tool errors, of which unparseable calls)."""
 
     problem_id: str
     correct: tuple[bool, ...]
     votes: tuple[int | None, ...]
     tokens: tuple[int, ...]
     truncated: tuple[bool, ...]
+    tool_use: tuple[tuple[int, int, int, int], ...] = ()
 
 
 @dataclass
@@ -191,6 +193,9 @@ class BenchmarkSummary:
     mean_tokens: float
     truncation_rate: float
     no_answer_rate: float
+    tools: dict[str, float] | None = None
+    """Tool episodes: mean_turns, mean_tool_calls, mean_tool_errors (per episode) and
+    valid_call_rate (calls that parsed / calls attempted)."""
 
 
 def summarize(benchmark: str, rows: Sequence[ProblemResult]) -> BenchmarkSummary:
@@ -226,7 +231,21 @@ def summarize(benchmark: str, rows: Sequence[ProblemResult]) -> BenchmarkSummary
         mean_tokens=fmean(t for r in rows for t in r.tokens),
         truncation_rate=fmean(bool(t) for r in rows for t in r.truncated),
         no_answer_rate=fmean(v is None for r in rows for v in r.votes),
+        tools=tool_summary([u for r in rows for u in r.tool_use]) if all(r.tool_use for r in rows) else None,
     )
+
+
+def tool_summary(episodes: Sequence[tuple[int, int, int, int]]) -> dict[str, float]:
+    """Means per episode of turns, tool calls and tool errors, and the share of attempted calls
+    that parsed (1.0 when none was attempted)."""
+    calls = sum(e[1] for e in episodes)
+    attempted = calls + sum(e[3] for e in episodes)
+    return {
+        "mean_turns": fmean(e[0] for e in episodes),
+        "mean_tool_calls": fmean(e[1] for e in episodes),
+        "mean_tool_errors": fmean(e[2] for e in episodes),
+        "valid_call_rate": calls / attempted if attempted else 1.0,
+    }
 
 
 def test_metrics(summary: BenchmarkSummary, prefix: str = "test/") -> dict[str, float]:
@@ -241,4 +260,8 @@ def test_metrics(summary: BenchmarkSummary, prefix: str = "test/") -> dict[str, 
     }
     out |= {f"{prefix}pass@{k}": v for k, v in summary.pass_at.items() if k > 1}
     out |= {f"{prefix}maj@{k}": v for k, v in summary.maj_at.items() if k > 1}
+    if summary.tools is not None:
+        names = {"mean_turns": "num_turns", "mean_tool_calls": "num_tool_calls",
+                 "mean_tool_errors": "num_tool_errors", "valid_call_rate": "valid_call_rate"}  # fmt: skip
+        out |= {f"{prefix}env/all/{names[k]}": v for k, v in summary.tools.items()}
     return out

@@ -30,18 +30,29 @@ def cell(s: BenchmarkSummary) -> str:
 
 def detail_markdown(label: str, summaries: Sequence[BenchmarkSummary]) -> str:
     """Every figure of one model: pass@1 with CI, pass@k, maj@k, tokens, truncation."""
+    tools = any(s.tools for s in summaries)
+    tool_head = " turns | tool calls | tool errors | valid calls |" if tools else ""
     lines = [
         f"### {label}",
         "",
-        "| benchmark | problems | n | pass@1 [95% CI] | pass@k | maj@k | mean tokens | truncated | no answer |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| benchmark | problems | n | pass@1 [95% CI] | pass@k | maj@k | mean tokens | truncated | no answer |"
+        + tool_head,
+        "|---|---|---|---|---|---|---|---|---|" + "---|---|---|---|" * tools,
     ]
     for s in summaries:
         pass_k = ", ".join(f"@{k} {pct(v)}" for k, v in s.pass_at.items())
         maj_k = ", ".join(f"@{k} {pct(v)}" for k, v in s.maj_at.items())
+        t = s.tools
+        tool_cells = (
+            f" {t['mean_turns']:.2f} | {t['mean_tool_calls']:.2f} | {t['mean_tool_errors']:.2f} | "
+            f"{pct(t['valid_call_rate'])}% |"
+            if t
+            else " - | - | - | - |"
+        )
         lines.append(
             f"| {s.benchmark} | {s.problems} | {s.samples_per_problem} | {cell(s)} | {pass_k} | {maj_k} | "
             f"{s.mean_tokens:.0f} | {pct(s.truncation_rate)}% | {pct(s.no_answer_rate)}% |"
+            + (tool_cells if tools else "")
         )
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""Evaluate a backend on a list of single-turn problems: generate, grade, record.
+"""Evaluate a backend on a list of problems: generate (or run tool episodes), grade, record.
 
 The same function serves ``mathrl eval`` (a local model or an OpenAI-compatible
 endpoint) and the test evaluation inside ``mathrl train`` (the sampler's weights, via
@@ -8,6 +8,11 @@ vote key) is appended to a JSONL file as soon as its chunk is graded; a rerun re
 file and generates only the problems that are missing. Each problem's samples come from
 their own random streams (seeded by the run seed and the problem id), so a resumed run,
 another chunk size or a served model samples what an uninterrupted local run would.
+
+Problems with an env (``EvalItem.make_env``: tool use) run as episodes through
+:meth:`ChatBackend.run_episodes`; the env grades the final reply, and each sample keeps the
+whole conversation: every turn's text, tokens and end, each tool call with its code,
+output, error kind and duration.
 """
 
 from __future__ import annotations
@@ -19,23 +24,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mathrl.envs.base import Env
 from mathrl.eval.metrics import ProblemResult
 from mathrl.grading import answers_match, grade_batch
 from mathrl.grading.normalize import normalize
 from mathrl.prompts import math_messages
-from mathrl.rollout.backend import ChatBackend
+from mathrl.rollout.backend import ChatBackend, Turn
 from mathrl.tracking import append_jsonl, read_jsonl, write_jsonl
 from mathrl.types import Message, Problem
 
 
 @dataclass(frozen=True)
 class EvalItem:
-    """One problem as the model sees it, and how to grade its answer."""
+    """One problem as the model sees it, and how to grade its answer; or, for tool use, how
+    to make a fresh env per sample (which has the messages and grades the episode)."""
 
     id: str
     messages: tuple[Message, ...]
     reference: str
     style: str = "boxed"
+    make_env: Callable[[], Env] | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class GenSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    max_turns: int = 10
 
 
 def items_from_problems(
@@ -91,6 +100,22 @@ def evaluate(
         if not chunk:
             continue
         t0 = time.time()
+        if chunk[0].make_env is not None:
+            for item, episodes in zip(chunk, _episodes(backend, chunk, settings), strict=True):
+                row = {
+                    "id": item.id,
+                    "reference": item.reference,
+                    "correct": [s["correct"] for s in episodes],
+                    "votes": vote_keys([s["answer"] for s in episodes]),
+                    "samples": episodes,
+                    "seconds": round((time.time() - t0) / len(chunk), 3),
+                }
+                done[item.id] = row
+                if out_path is not None:
+                    append_jsonl(out_path, row)
+            if on_chunk is not None:
+                on_chunk(sum(item.id in done for item in items), len(items))
+            continue
         samples = backend.generate(
             [item.messages for item in chunk],
             n=settings.n,
@@ -134,6 +159,41 @@ def evaluate(
         if on_chunk is not None:
             on_chunk(sum(item.id in done for item in items), len(items))
     return [done[item.id] for item in items]
+
+
+def _episodes(backend: ChatBackend, chunk: Sequence[EvalItem], settings: GenSettings) -> list[list[dict[str, Any]]]:
+    """``settings.n`` episodes per item (sample j seeded ``problem_seed + j``), as sample dicts."""
+    envs = [item.make_env() for item in chunk for _ in range(settings.n)]  # type: ignore[misc]
+    seeds = [problem_seed(settings.seed, item.id) + j for item in chunk for j in range(settings.n)]
+    episodes = backend.run_episodes(
+        envs, max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p, seeds=seeds,
+        max_turns=settings.max_turns,
+    )  # fmt: skip
+    samples = [episode_sample(turns) for turns in episodes]
+    return [samples[i * settings.n : (i + 1) * settings.n] for i in range(len(chunk))]
+
+
+def episode_sample(turns: Sequence[Turn]) -> dict[str, Any]:
+    """One episode as an eval sample: the final reply's grade, totals, and every turn."""
+    final = turns[-1]
+
+    def total(key: str) -> int:
+        return int(sum(t.metrics.get(key, 0.0) for t in turns))
+
+    return {
+        "text": final.text,
+        "answer": final.logs.get("answer"),
+        "correct": bool(final.metrics.get("correct", 0.0)),
+        "tokens": sum(t.num_tokens for t in turns),
+        "finish_reason": final.finish_reason,
+        "grader_timeout": bool(final.metrics.get("grader_timeout", 0.0)),
+        "reward": round(sum(t.reward for t in turns), 6),
+        "num_turns": len(turns),
+        "num_tool_calls": total("num_tool_calls"),
+        "num_tool_errors": total("num_tool_errors"),
+        "num_parse_errors": total("num_tool_errors/parse"),
+        "turns": [{"text": t.text, "tokens": t.num_tokens, "finish_reason": t.finish_reason, **t.logs} for t in turns],
+    }
 
 
 def regraded(row: dict[str, Any], style: str, timeout: float) -> dict[str, Any]:
@@ -187,6 +247,12 @@ def to_results(rows: Sequence[dict[str, Any]]) -> list[ProblemResult]:
             votes=tuple(row["votes"]),
             tokens=tuple(int(s["tokens"]) for s in row["samples"]),
             truncated=tuple(s["finish_reason"] == "length" for s in row["samples"]),
+            tool_use=tuple(
+                (s["num_turns"], s["num_tool_calls"], s["num_tool_errors"], s["num_parse_errors"])
+                for s in row["samples"]
+            )
+            if row["samples"] and "num_turns" in row["samples"][0]
+            else (),
         )
         for row in rows
     ]

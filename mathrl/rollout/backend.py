@@ -1,22 +1,26 @@
-"""Chat backends: conversations in, sampled assistant replies out.
+"""Chat backends: conversations in, sampled assistant replies (or whole episodes) out.
 
 ``mathrl eval``, ``mathrl serve`` and ``mathrl distill`` need text generation, not
 tokens and logprobs; a :class:`ChatBackend` gives them that whether the model runs in
 this process (:class:`LocalBackend`, the fast :class:`TorchSampler`) or behind an
-OpenAI-compatible HTTP endpoint (:mod:`mathrl.rollout.openai_backend`).
+OpenAI-compatible HTTP endpoint (:mod:`mathrl.rollout.openai_backend`). Tool use is
+:meth:`ChatBackend.run_episodes`: multi-turn episodes against envs, on token sequences
+locally (:mod:`mathrl.rollout.runner`), message by message over HTTP.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mathrl.envs.base import Env
 from mathrl.models import eos_token_ids, load_for_inference
-from mathrl.prompts import render_prompt
+from mathrl.rollout.renderer import Renderer
+from mathrl.rollout.runner import run_episodes
 from mathrl.rollout.sampler import TorchSampler
 from mathrl.types import FinishReason, Message
 
@@ -28,6 +32,18 @@ class Sample:
     text: str
     num_tokens: int
     finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn of an episode: what the model wrote, its length and end, and the env's answer."""
+
+    text: str
+    num_tokens: int
+    finish_reason: FinishReason
+    reward: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, Any] = field(default_factory=dict)
 
 
 class ChatBackend(Protocol):
@@ -49,19 +65,44 @@ class ChatBackend(Protocol):
         (what evaluation needs to resume exactly). Without, ``seed`` seeds the call."""
         ...
 
+    def run_episodes(
+        self,
+        envs: Sequence[Env],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float = 1.0,
+        seeds: Sequence[int],
+        max_turns: int,
+    ) -> list[list[Turn]]:
+        """One episode per env (closed at its end); episode i's turns draw from streams seeded
+        from ``seeds[i]``, whatever it is batched with."""
+        ...
+
 
 class LocalBackend:
     """Generation in this process with the KV-cache sampler and the model's chat template."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_batch: int = 256):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        max_batch: int = 256,
+        tool_parser: str = "auto",
+    ):
         self.tokenizer = tokenizer
-        self.sampler = TorchSampler(model, eos_token_ids(tokenizer), int(tokenizer.pad_token_id), max_batch=max_batch)
+        self.renderer = Renderer(tokenizer, tool_parser)
+        self.sampler = TorchSampler(
+            model, eos_token_ids(tokenizer), int(tokenizer.pad_token_id), max_batch=max_batch, tokenizer=tokenizer
+        )
 
     @classmethod
-    def load(cls, model_name: str, dtype: torch.dtype = torch.bfloat16, max_batch: int = 256) -> LocalBackend:
+    def load(
+        cls, model_name: str, dtype: torch.dtype = torch.bfloat16, max_batch: int = 256, tool_parser: str = "auto"
+    ) -> LocalBackend:
         """A hub id, a local HF directory, the embedded model, or a mathrl checkpoint/run."""
         model, tokenizer = load_for_inference(model_name, dtype)
-        return cls(model, tokenizer, max_batch=max_batch)
+        return cls(model, tokenizer, max_batch=max_batch, tool_parser=tool_parser)
 
     def generate(
         self,
@@ -74,7 +115,7 @@ class LocalBackend:
         seed: int = 0,
         seeds: Sequence[int] | None = None,
     ) -> list[list[Sample]]:
-        rendered = [render_prompt(self.tokenizer, conv) for conv in conversations]
+        rendered = [self.renderer.initial_tokens(conv) for conv in conversations]
         prompts = [p for p in rendered for _ in range(n)]
         row_seeds = [seeds[i] + j for i in range(len(conversations)) for j in range(n)] if seeds else None
         completions = self.sampler.sample(
@@ -89,3 +130,25 @@ class LocalBackend:
             for c in completions
         ]
         return [samples[i * n : (i + 1) * n] for i in range(len(conversations))]
+
+    def run_episodes(
+        self,
+        envs: Sequence[Env],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float = 1.0,
+        seeds: Sequence[int],
+        max_turns: int,
+    ) -> list[list[Turn]]:
+        trajectories = run_episodes(
+            envs, self.sampler, self.renderer, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            row_seeds=seeds, max_turns=max_turns,
+        )  # fmt: skip
+        return [
+            [
+                Turn(t.ac_text, len(t.ac.tokens_T), t.ac.finish_reason, t.reward, t.metrics, t.logs)
+                for t in traj.transitions
+            ]
+            for traj in trajectories
+        ]

@@ -1,4 +1,9 @@
-"""Summary metrics of sampled trajectory groups, with tinker-cookbook's key names."""
+"""Summary metrics of sampled trajectory groups, with tinker-cookbook's key names.
+
+An env's per-turn metrics are summed over an episode when their key starts with ``num_``
+(tool calls, tool errors by kind, lost sessions) and taken from its last turn otherwise
+(``correct``, ``format``); both are then averaged over episodes.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +41,14 @@ def group_metrics(groups: Sequence[TrajectoryGroup], prefix: str = "") -> dict[s
         values = [v for t in trajs if (v := _final_metric(t, key)) is not None]
         if values:
             out[f"env/all/{key}"] = fmean(values)
+    counted = sorted({k for tr in transitions for k in tr.metrics if k.startswith("num_")})
+    if counted:  # multi-turn envs: turns, tool calls, errors by kind, sessions lost
+        out["env/all/num_turns"] = out["env/all/turns_per_episode"]
+        for key in counted:
+            out[f"env/all/{key}"] = fmean(sum(tr.metrics.get(key, 0.0) for tr in t.transitions) for t in trajs)
+        if "num_state_lost" in counted:
+            lost = [any(tr.metrics.get("num_state_lost", 0) for tr in t.transitions) for t in trajs]
+            out["env/all/frac_state_lost"] = fmean(lost)
     timeouts = [tr.metrics["grader_timeout"] for tr in transitions if "grader_timeout" in tr.metrics]
     if timeouts:  # comparisons that ran out of time (graded wrong): should stay 0
         out["env/all/grader_timeouts"] = sum(timeouts)

@@ -18,11 +18,17 @@ loaded in-process. ``base_url`` ends in ``/v1``, as for the ``openai`` client.
   ``n=1``, an average for ``n>1``).
 - ``finish_reason``: "length" stays "length"; anything else ("stop", "tool_calls",
   "content_filter", none) becomes "stop".
+- Tool use (:meth:`OpenAIBackend.run_episodes`): every live episode sends its conversation
+  with the env's ``tools``; the server parses the calls and returns them as ``tool_calls``
+  (mathrl serve, vLLM with a tool parser, OpenAI); the envs of a turn are stepped together,
+  their messages appended, and the next turn sent. Episode i's turn t is sent with the seed
+  of :func:`mathrl.rollout.runner.turn_seed` (``seeds[i]``, t).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 from collections.abc import Coroutine, Sequence
@@ -31,8 +37,10 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 
-from mathrl.rollout.backend import Sample
-from mathrl.types import FinishReason, Message
+from mathrl.envs.base import Env, step_envs
+from mathrl.rollout.backend import Sample, Turn
+from mathrl.rollout.runner import turn_seed
+from mathrl.types import Action, FinishReason, Message, ToolCall
 
 __all__ = ["OpenAIBackend", "OpenAIBackendError"]
 
@@ -130,10 +138,82 @@ class OpenAIBackend:
                 raise eg.exceptions[0] from None
         return [task.result() for task in tasks]
 
+    def run_episodes(
+        self,
+        envs: Sequence[Env],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float = 1.0,
+        seeds: Sequence[int],
+        max_turns: int,
+    ) -> list[list[Turn]]:
+        """Multi-turn episodes over the chat API (see the module docstring)."""
+        return _run_sync(
+            self.arun_episodes(
+                envs, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seeds=seeds, max_turns=max_turns
+            )
+        )
+
+    async def arun_episodes(
+        self,
+        envs: Sequence[Env],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float = 1.0,
+        seeds: Sequence[int],
+        max_turns: int,
+    ) -> list[list[Turn]]:
+        conversations = [env.initial_messages() for env in envs]
+        turns: list[list[Turn]] = [[] for _ in envs]
+        active = list(range(len(envs)))
+        semaphore = asyncio.Semaphore(self.concurrency)
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits, headers=headers) as client:
+
+                async def one(e: int, turn: int) -> dict[str, Any]:
+                    payload = self._payload(conversations[e], 1, max_tokens, temperature, top_p,
+                                            turn_seed(seeds[e], turn), envs[e])  # fmt: skip
+                    async with semaphore:
+                        return await self._post(client, payload)
+
+                for turn in range(max_turns):
+                    if not active:
+                        break
+                    bodies = await asyncio.gather(*(one(e, turn) for e in active))
+                    actions = [_action(body, self.url) for body in bodies]
+                    results = step_envs([envs[e] for e in active], actions)
+                    still = []
+                    for e, action, result in zip(active, actions, results, strict=True):
+                        finish: FinishReason = "length" if action.truncated else "stop"
+                        turns[e].append(
+                            Turn(action.text, action.num_tokens, finish, result.reward, result.metrics, result.logs)
+                        )
+                        if result.episode_done or turn == max_turns - 1:
+                            envs[e].close()
+                        else:
+                            conversations[e] += [action.message, *result.next_messages]
+                            still.append(e)
+                    active = still
+        finally:
+            for env in envs:
+                env.close()
+        return turns
+
     def _payload(
-        self, conversation: Sequence[Message], n: int, max_tokens: int, temperature: float, top_p: float, seed: int
+        self,
+        conversation: Sequence[Message],
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        env: Env | None = None,
     ) -> dict[str, Any]:
-        return {
+        payload: dict[str, Any] = {
             "model": self.model,
             "messages": [m.as_dict() for m in conversation],
             "n": n,
@@ -142,6 +222,12 @@ class OpenAIBackend:
             "top_p": top_p,
             "seed": seed,
         }
+        if env is not None and env.tools:
+            payload["tools"] = [t.as_dict() for t in env.tools]
+            for message in payload["messages"]:  # the API carries arguments as a JSON string
+                for call in message.get("tool_calls", []):
+                    call["function"]["arguments"] = json.dumps(call["function"]["arguments"])
+        return payload
 
     async def _post(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> dict[str, Any]:
         """POST with retries on connection errors, timeouts, 429 and 5xx; the response body as a dict."""
@@ -189,6 +275,33 @@ def _samples(body: dict[str, Any], n: int, url: str) -> list[Sample]:
     choices = sorted(choices, key=lambda c: int(c.get("index", 0)))
     counts = _token_counts(choices, body.get("usage"))
     return [Sample(_text(c), k, _finish_reason(c.get("finish_reason"))) for c, k in zip(choices, counts, strict=True)]
+
+
+def _action(body: dict[str, Any], url: str) -> Action:
+    """The first choice of a response as an env action: content and the server's parsed tool calls."""
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise OpenAIBackendError(f"POST {url}: the response has no choices")
+    choice = choices[0]
+    calls, errors = [], []
+    for k, raw in enumerate((choice.get("message") or {}).get("tool_calls") or []):
+        function = raw.get("function") if isinstance(raw, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            errors.append("a tool call without a function name")
+            continue
+        arguments = function.get("arguments") or "{}"
+        try:
+            valid = isinstance(json.loads(arguments), dict)
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            errors.append(f"the arguments of {function['name']} are not a JSON object")
+            continue
+        calls.append(ToolCall(function["name"], arguments, str(raw.get("id") or f"call_{k}")))
+    text = _text(choice)
+    tokens = _token_counts([choice], body.get("usage"))[0]
+    message = Message("assistant", text.strip(), tool_calls=tuple(calls))
+    return Action(text, message, tuple(errors), tokens, _finish_reason(choice.get("finish_reason")) == "length")
 
 
 def _text(choice: dict[str, Any]) -> str:

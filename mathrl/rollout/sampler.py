@@ -10,7 +10,9 @@ only sees this protocol, so a faster backend (vLLM, an HTTP endpoint) can replac
 - only the last position's logits are computed (``logits_to_keep=1``), never a full
   [tokens x vocab] tensor;
 - randomness comes from a ``torch.Generator`` seeded per call, so a resumed run draws
-  exactly the samples an uninterrupted one would.
+  exactly the samples an uninterrupted one would;
+- a row ends at an end-of-turn token or, when ``stop`` strings are given (the end of a
+  tool call), once its decoded tail contains one of them.
 Logprobs are those of the distribution actually sampled from (logits / temperature);
 at temperature 0 (greedy) they are the temperature-1 logprobs of the chosen token.
 """
@@ -18,7 +20,7 @@ at temperature 0 (greedy) they are the temperature-1 logprobs of the chosen toke
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -36,17 +38,26 @@ class Sampler(Protocol):
         seed: int,
         top_p: float = 1.0,
         row_seeds: Sequence[int] | None = None,
+        stop: Sequence[str] = (),
     ) -> list[Completion]: ...
 
 
 class TorchSampler:
     """Batched sampling with a KV cache on the model it is given (e.g. a bf16 copy of the policy)."""
 
-    def __init__(self, model: PreTrainedModel, eos_token_ids: Sequence[int], pad_token_id: int, max_batch: int = 256):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        eos_token_ids: Sequence[int],
+        pad_token_id: int,
+        max_batch: int = 256,
+        tokenizer: Any = None,
+    ):
         self.model = model.eval()
         self.eos_token_ids = torch.tensor(sorted(set(eos_token_ids)))
         self.pad_token_id = pad_token_id
         self.max_batch = max_batch
+        self.tokenizer = tokenizer  # decodes row tails for stop strings
 
     def sample(
         self,
@@ -57,12 +68,16 @@ class TorchSampler:
         seed: int,
         top_p: float = 1.0,
         row_seeds: Sequence[int] | None = None,
+        stop: Sequence[str] = (),
     ) -> list[Completion]:
         """One completion per prompt. ``seed`` seeds one random stream for the whole call;
         with ``row_seeds`` each prompt draws from its own stream instead, so its sample does
-        not depend on what else is in the batch (evaluation, serving)."""
+        not depend on what else is in the batch (evaluation, serving). A row also ends once
+        its text contains one of the ``stop`` strings (kept in the completion)."""
         if row_seeds is not None and len(row_seeds) != len(prompts):
             raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {len(prompts)} prompts")
+        if stop and self.tokenizer is None:
+            raise ValueError("stop strings need the sampler's tokenizer (TorchSampler(..., tokenizer=...))")
         generator = torch.Generator().manual_seed(seed)
         results: list[Completion | None] = [None] * len(prompts)
         # Group identical prompts so each is prefilled once; chunk to bound memory.
@@ -83,7 +98,7 @@ class TorchSampler:
                 if row_seeds is not None
                 else None
             )
-            outs = self._sample_chunk(chunk, max_tokens, temperature, top_p, rows or generator)
+            outs = self._sample_chunk(chunk, max_tokens, temperature, top_p, rows or generator, tuple(stop))
             for (_, ix), comps in zip(chunk, outs, strict=True):
                 for i, c in zip(ix, comps, strict=True):
                     results[i] = c
@@ -98,6 +113,7 @@ class TorchSampler:
         temperature: float,
         top_p: float,
         generator: torch.Generator | list[torch.Generator],
+        stop: tuple[str, ...] = (),
     ) -> list[list[Completion]]:
         # Bookkeeping lives on the CPU; what the model reads is moved to its device.
         dev = self.model.device
@@ -148,6 +164,8 @@ class TorchSampler:
         # once a quarter of the live rows are done, the cache is compacted to the rest.
         live = torch.arange(batch)
         done_L = torch.zeros(batch, dtype=torch.bool)
+        ends_B = torch.full((batch,), -1, dtype=torch.long)  # length of each finished row
+        window = max((len(s) for s in stop), default=0) + 8  # tokens: each is at least one character
         steps = 0
         for step in range(max_tokens):
             tok_L, lp_L = (t.cpu() for t in _draw(logits_BV, temperature, top_p, generator))
@@ -155,7 +173,11 @@ class TorchSampler:
             tokens_BT[live, step] = tok_L
             logprobs_BT[live, step] = lp_L
             steps = step + 1
-            done_L = done_L | torch.isin(tok_L, self.eos_token_ids)
+            ended_L = ~done_L & torch.isin(tok_L, self.eos_token_ids)
+            if stop:
+                ended_L |= ~done_L & self._hit_stop(tokens_BT[live, max(0, steps - window) : steps], stop)
+            ends_B[live[ended_L]] = steps
+            done_L = done_L | ended_L
             if bool(done_L.all()) or step == max_tokens - 1:
                 break
             if isinstance(generator, list) and int(done_L.sum()) * 4 >= len(live):
@@ -175,12 +197,17 @@ class TorchSampler:
             next_pos_B = next_pos_B + 1
             logits_BV = out.logits[:, -1]
         tokens_BT, logprobs_BT = tokens_BT[:, :steps], logprobs_BT[:, :steps]
-        completions = [_to_completion(tokens_BT[b], logprobs_BT[b], self.eos_token_ids) for b in range(batch)]
+        completions = [_to_completion(tokens_BT[b], logprobs_BT[b], int(ends_B[b])) for b in range(batch)]
         grouped, start = [], 0
         for c in counts.tolist():
             grouped.append(completions[start : start + c])
             start += c
         return grouped
+
+    def _hit_stop(self, tails_LW: torch.Tensor, stop: tuple[str, ...]) -> torch.Tensor:
+        """Which rows' recent tokens decode to text containing a stop string."""
+        texts = self.tokenizer.batch_decode(tails_LW.tolist(), skip_special_tokens=False)
+        return torch.tensor([any(s in text for s in stop) for text in texts], dtype=torch.bool)
 
 
 def _common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
@@ -248,10 +275,9 @@ def _nucleus(logp_BV: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.log_softmax(logp_BV.masked_fill(drop_BV, float("-inf")), dim=-1)
 
 
-def _to_completion(tokens_T: torch.Tensor, logprobs_T: torch.Tensor, eos_ids: torch.Tensor) -> Completion:
-    """Cut after the first end-of-turn token (kept: training must learn to stop)."""
-    hits = torch.isin(tokens_T, eos_ids).nonzero()
-    if len(hits):
-        end = int(hits[0]) + 1
+def _to_completion(tokens_T: torch.Tensor, logprobs_T: torch.Tensor, end: int) -> Completion:
+    """The row up to where it ended (the end-of-turn token or stop string kept: training
+    must learn to stop); ``end`` < 0: it ran to ``max_tokens``."""
+    if end >= 0:
         return Completion(tuple(tokens_T[:end].tolist()), tuple(logprobs_T[:end].tolist()), "stop")
     return Completion(tuple(tokens_T.tolist()), tuple(logprobs_T.tolist()), "length")

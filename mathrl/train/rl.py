@@ -1,8 +1,10 @@
 """GRPO with verifiable rewards, top to bottom in one function: ``train(cfg)``.
 
-Each step: draw ``groups_per_batch`` problems, sample ``group_size`` completions for
-each, grade them, advantage = reward - group mean, compute a policy-gradient loss
-from a registry, take ``num_substeps`` optimizer steps, log, checkpoint.
+Each step: draw ``groups_per_batch`` problems, sample ``group_size`` episodes for each
+(one turn, or several with tool calls: token-exact, see :mod:`mathrl.rollout.renderer`),
+let the env grade them, advantage = reward - group mean, compute a policy-gradient loss
+from a registry on the sampled tokens only, take ``num_substeps`` optimizer steps, log,
+checkpoint.
 
 What differs from the GRPO paper, on purpose (as in tinker-cookbook):
 - advantages are not divided by the group std unless ``normalize_advantages_by_std``
@@ -35,7 +37,7 @@ from transformers import PreTrainedModel
 
 from mathrl.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint, set_rng_state
 from mathrl.config import ConfigError, config_from_dict, config_to_dict, diff_configs, option
-from mathrl.envs.base import SingleTurnBuilder
+from mathrl.envs.base import GroupBuilder, SingleTurnBuilder
 from mathrl.envs.registry import make_dataset
 from mathrl.eval.metrics import summarize, test_metrics
 from mathrl.eval.runner import EvalItem, GenSettings, to_results
@@ -47,8 +49,10 @@ from mathrl.rl.batching import Batch, Datum, action_logprobs, collate, trajector
 from mathrl.rl.losses import AGGREGATIONS, LOSSES, kl_k3
 from mathrl.rollout.backend import LocalBackend
 from mathrl.rollout.metrics import group_metrics
+from mathrl.rollout.renderer import Renderer
 from mathrl.rollout.runner import run_groups
 from mathrl.rollout.sampler import TorchSampler
+from mathrl.tools.formats import PARSER_CHOICES
 from mathrl.tracking import MetricsLogger, ProgressBar, atomic_write_text, keep_rows, write_jsonl
 from mathrl.types import TrajectoryGroup
 
@@ -93,7 +97,14 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata=option("Gradient clipping (0 = off).", min=0))
     weight_decay: float = field(default=0.0, metadata=option("AdamW weight decay.", min=0))
     max_steps: int = field(default=30, metadata=option("Training steps.", min=0))
-    max_turns: int = field(default=1, metadata=option("Max turns per episode (multi-turn envs).", min=1))
+    max_turns: int = field(
+        default=10,
+        metadata=option("Most turns per episode (an env may end sooner: single-turn envs after one).", min=1),
+    )
+    tool_parser: str = field(
+        default="auto",
+        metadata=option("Tool-call format: auto (what the chat template writes, else hermes).", choices=PARSER_CHOICES),
+    )
     eval_every: int = field(default=10, metadata=option("Test evaluation every N steps (0 = only at the end).", min=0))
     eval_temperature: float = field(default=0.0, metadata=option("Test sampling temperature (0 = greedy).", min=0))
     eval_n: int = field(default=1, metadata=option("Samples per test problem.", min=1))
@@ -144,7 +155,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     cfg = replace(cfg, load_checkpoint_path=str(start) if start else None)  # config.json: what was loaded
     log_path.mkdir(parents=True, exist_ok=True)
     checkpoint = _check_resume(cfg, log_path)
-    atomic_write_text(log_path / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    dataset, env_options = make_dataset(cfg.env, cfg.env_args, cfg.groups_per_batch, cfg.seed)
+    resolved = {"sandbox": _sandbox_isolation(env_options)} if hasattr(env_options, "sandbox") else {}
+    atomic_write_text(log_path / "config.json", json.dumps({**config_to_dict(cfg), **resolved}, indent=2) + "\n")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -152,7 +165,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     # --- model, sampler, data -------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model_name)
-    dataset, _ = make_dataset(cfg.env, cfg.env_args, cfg.groups_per_batch, cfg.seed)
+    renderer = Renderer(tokenizer, cfg.tool_parser)
     # With LoRA the base is frozen and, under bf16 autocast, only ever used in bf16: store it so
     # (autocast would cast every fp32 weight at every use). Adapters stay fp32 (peft's default).
     frozen_bf16 = bool(cfg.lora_rank) and cfg.train_bf16
@@ -174,7 +187,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     sampler_model = _load_base(cfg, start, getattr(torch, cfg.sample_dtype))
     sampler_model.to(device)  # type: ignore[arg-type]
     sync_weights(policy, sampler_model)
-    sampler = TorchSampler(sampler_model, eos_token_ids(tokenizer), tokenizer.pad_token_id)
+    sampler = TorchSampler(sampler_model, eos_token_ids(tokenizer), tokenizer.pad_token_id, tokenizer=tokenizer)
     if ref_model is not None:
         ref_model.to(device)
 
@@ -195,23 +208,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     keep_rows(logger.path, lambda r: r["step"] < start_step)  # rows after the checkpoint are redone
     keep_rows(log_path / "checkpoints.jsonl", lambda r: r["step"] <= start_step)
 
-    test_builders = dataset.test_builders()
-    eval_backend = LocalBackend(sampler_model, tokenizer)  # the sampler's weights, so always current
+    test_items = [_eval_item(i, b) for i, b in enumerate(dataset.test_builders())]
+    eval_backend = LocalBackend(sampler_model, tokenizer, tool_parser=cfg.tool_parser)  # the sampler's weights
 
     def evaluate(step: int) -> dict[str, float]:
-        """Test metrics with mathrl eval's code when the test problems are single-turn
-        (pass@1 with its 95% interval, pass@k, maj@k); multi-turn envs go through the runner."""
+        """Test metrics with mathrl eval's code (pass@1 with its 95% interval, pass@k, maj@k,
+        and the tool metrics of multi-turn envs)."""
         t0 = time.time()
         seed = _step_seed(cfg.seed, step, "eval")
-        single = [b for b in test_builders if isinstance(b, SingleTurnBuilder)]
-        if len(single) < len(test_builders):
-            groups = run_groups(
-                test_builders, cfg.eval_n, sampler, tokenizer, max_tokens=cfg.max_tokens,
-                temperature=cfg.eval_temperature, seed=seed, max_turns=cfg.max_turns,
-            )  # fmt: skip
-            return {**group_metrics(groups, prefix="test/"), "time/eval": time.time() - t0}
-        items = [EvalItem(b.problem_id or str(i), b.messages, b.reference, b.style) for i, b in enumerate(single)]
-        settings = GenSettings(cfg.eval_n, cfg.max_tokens, cfg.eval_temperature, 1.0, seed)
+        items = test_items
+        settings = GenSettings(cfg.eval_n, cfg.max_tokens, cfg.eval_temperature, 1.0, seed, cfg.max_turns)
         rows = run_eval_items(eval_backend, items, settings, out_path=log_path / "eval" / f"step_{step:06d}.jsonl",
                               chunk_size=len(items))  # fmt: skip
         return {**test_metrics(summarize("test", to_results(rows))), "time/eval": time.time() - t0}
@@ -233,7 +239,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         # 1. sample group_size completions for each problem, graded by the env
         t0 = time.time()
         groups = run_groups(
-            dataset.get_batch(step), cfg.group_size, sampler, tokenizer,
+            dataset.get_batch(step), cfg.group_size, sampler, renderer,
             max_tokens=cfg.max_tokens, temperature=cfg.temperature,
             seed=_step_seed(cfg.seed, step, "train"), max_turns=cfg.max_turns,
         )  # fmt: skip
@@ -359,8 +365,25 @@ def _datums(groups: list[TrajectoryGroup], cfg: TrainConfig) -> list[Datum]:
             continue
         advantages_G = group_advantages(rewards_G, cfg.normalize_advantages_by_std)
         for traj, adv in zip(group.trajectories_G, advantages_G.tolist(), strict=True):
+            if any(t.metrics.get("drop_trajectory") for t in traj.transitions):
+                continue  # the env asked to leave it out of the loss (math_python's drop_void_turns)
             datums += trajectory_datums(traj, adv)
     return datums
+
+
+def _eval_item(index: int, builder: GroupBuilder) -> EvalItem:
+    """A test problem for the eval runner: its messages, or (multi-turn envs) how to make its env."""
+    problem_id = getattr(builder, "problem_id", "") or str(index)
+    if isinstance(builder, SingleTurnBuilder):
+        return EvalItem(problem_id, builder.messages, builder.reference, builder.style)
+    return EvalItem(problem_id, (), getattr(builder, "reference", ""), make_env=lambda: builder.make_envs(1)[0])
+
+
+def _sandbox_isolation(options: Any) -> str:
+    """What isolates the env's tool sessions here (recorded in config.json)."""
+    from mathrl.sandbox.backends import resolve
+
+    return resolve(options.sandbox).isolation()
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
@@ -427,7 +450,9 @@ def _check_resume(cfg: TrainConfig, log_path: Path) -> Path | None:
     saved_file = log_path / "config.json"
     checkpoint = latest_checkpoint(log_path)
     if saved_file.exists():
-        saved = config_to_dict(config_from_dict(TrainConfig, json.loads(saved_file.read_text()), str(saved_file)))
+        recorded = json.loads(saved_file.read_text())
+        recorded.pop("sandbox", None)  # what was resolved at start (the sandbox's isolation), not a key
+        saved = config_to_dict(config_from_dict(TrainConfig, recorded, str(saved_file)))
         changed = [k for k in diff_configs(saved, config_to_dict(cfg)) if k not in _RESUMABLE_CHANGES]
         if changed:
             raise ConfigError(
@@ -458,7 +483,7 @@ def _save_rollouts(log_path: Path, step: int, groups: list[TrajectoryGroup], tok
                 rows.append({
                     "group": g, "turn": turn, "reward": tr.reward, "total_reward": traj.total_reward,
                     "prompt": tokenizer.decode(tr.ob_tokens_T), "completion": tr.ac_text,
-                    "finish_reason": tr.ac.finish_reason, **tr.metrics,
+                    "finish_reason": tr.ac.finish_reason, **tr.metrics, **tr.logs,
                 })  # fmt: skip
     write_jsonl(folder / f"step_{step:06d}.jsonl", rows)
 

@@ -1,0 +1,169 @@
+"""The renderer owns the chat template: first observation, bridges between turns, parsing.
+
+Multi-turn RL must train on the tokens the model actually produced. A rollout that
+re-renders the whole conversation from decoded text every turn re-tokenizes what was
+sampled, and a template that rewrites history (Qwen3 drops past ``<think>`` blocks)
+renders something the model never saw: the "token prefix mismatch" of multi-turn RL. Here
+an episode is one token sequence, grown only at its end:
+
+    first observation   render(messages, tools) with the assistant header
+    + sampled tokens    verbatim: never decoded and encoded again
+    + bridge            what the template puts after an assistant turn (closing it when the
+                        sample stopped at a tool call rather than the end-of-turn token),
+                        then the env's messages, then the next assistant header
+    + sampled tokens ...
+
+The bridge is computed from the template itself: the conversation's *skeleton* (every
+assistant content replaced by a placeholder, tool calls kept) is rendered with and without
+the new messages, and the difference is tokenized. Earlier assistant contents never enter
+it, so a history-rewriting template changes nothing already in the sequence.
+
+Tools. A template that renders ``tools=`` (Qwen-style) gets them natively, and tool
+results as ``role: tool`` messages, rendered as the template does. A template without tool
+support (the embedded SmolLM2's) gets the tools described in the system message in the
+chosen format (:meth:`ToolFormat.describe`), assistant tool calls written out in that format,
+and each tool result as a user turn ``<tool_response>\\n...\\n</tool_response>``. Either way
+sampling stops at the end of a call (``</tool_call>``), so the model cannot go on to invent
+the tool's answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from mathrl.tools.formats import CALL_END, FORMATS, RESPONSE_END, RESPONSE_START, Tool, ToolFormat, format_for_template
+from mathrl.types import Action, Completion, Message
+
+_PLACEHOLDER = "\u2063mathrl-placeholder\u2063"  # an invisible separator: no template rewrites it
+
+
+class Renderer:
+    """Chat template + tool-call format of one tokenizer.
+
+    ``tool_parser``: ``auto`` (the format the template writes calls in; hermes when it has
+    no tool support) or a name from :data:`mathrl.tools.formats.FORMATS`.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, tool_parser: str = "auto"):
+        self.tokenizer = tokenizer
+        if tool_parser != "auto" and tool_parser not in FORMATS:
+            raise ValueError(f"tool_parser: expected auto or one of {', '.join(FORMATS)}, got {tool_parser!r}")
+        template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+        self.native_tools = _renders_tools(tokenizer)
+        self.format: ToolFormat = FORMATS[format_for_template(template) if tool_parser == "auto" else tool_parser]
+        eos = tokenizer.convert_ids_to_tokens(sorted(_eos_ids(tokenizer)))
+        self.eos_ids = _eos_ids(tokenizer)
+        self.eos_texts = [t for t in eos if isinstance(t, str)]
+
+    # -- what the model reads ---------------------------------------------------------------
+
+    def template_messages(self, messages: Sequence[Message], tools: Sequence[Tool]) -> list[dict[str, Any]]:
+        """The messages as the chat template receives them (see the module docstring)."""
+        if not tools or self.native_tools:
+            return [m.as_dict() for m in messages]
+        out: list[dict[str, Any]] = []
+        description = self.format.describe(tools)
+        if not messages or messages[0].role != "system":
+            out.append({"role": "system", "content": description})
+        for m in messages:
+            if m.role == "system" and not out:
+                out.append({"role": "system", "content": f"{m.content}\n\n{description}"})
+            elif m.role == "assistant" and m.tool_calls:
+                calls = "\n".join(self.format.format_call(c) for c in m.tool_calls)
+                out.append({"role": "assistant", "content": f"{m.content}\n{calls}" if m.content else calls})
+            elif m.role == "tool":
+                block = f"{RESPONSE_START}\n{m.content}\n{RESPONSE_END}"
+                if out and out[-1].get("_tool_results"):  # consecutive results share one user turn
+                    out[-1]["content"] += "\n" + block
+                else:
+                    out.append({"role": "user", "content": block, "_tool_results": True})
+            else:
+                out.append(m.as_dict())
+        return [{k: v for k, v in m.items() if k != "_tool_results"} for m in out]
+
+    def render_text(self, messages: Sequence[Message], tools: Sequence[Tool], generation_prompt: bool) -> str:
+        kwargs: dict[str, Any] = {"tools": [t.as_dict() for t in tools]} if tools and self.native_tools else {}
+        text = self.tokenizer.apply_chat_template(
+            self.template_messages(messages, tools), tokenize=False, add_generation_prompt=generation_prompt, **kwargs
+        )
+        return str(text)
+
+    def initial_tokens(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> list[int]:
+        """The first observation: ``messages`` (and the tools) with the assistant header."""
+        kwargs: dict[str, Any] = {"tools": [t.as_dict() for t in tools]} if tools and self.native_tools else {}
+        tokens = self.tokenizer.apply_chat_template(
+            self.template_messages(messages, tools), tokenize=True, add_generation_prompt=True,
+            return_dict=False, **kwargs,
+        )  # fmt: skip
+        return list(tokens)
+
+    def bridge_tokens(
+        self,
+        history: Sequence[Message],
+        action: Action,
+        completion: Completion,
+        next_messages: Sequence[Message],
+        tools: Sequence[Tool] = (),
+    ) -> list[int]:
+        """Tokens to append after ``completion``'s: the end of this assistant turn, then
+        ``next_messages``, then the next assistant header. ``history`` is the conversation
+        before this turn (only its roles and tool calls matter)."""
+        skeleton = [_skeleton(m) for m in history]
+        turn = Message("assistant", _PLACEHOLDER, tool_calls=action.message.tool_calls)
+        closed = self.render_text([*skeleton, Message("assistant", _PLACEHOLDER)], tools, False)
+        closer = closed[closed.rindex(_PLACEHOLDER) + len(_PLACEHOLDER) :]  # e.g. "<|im_end|>\n"
+        before = self.render_text([*skeleton, turn], tools, False)
+        after = self.render_text([*skeleton, turn, *next_messages], tools, True)
+        if not after.startswith(before):
+            raise ValueError(
+                "the chat template renders a conversation differently once messages follow it; "
+                "mathrl cannot bridge turns for it (it renders the last assistant turn differently)"
+            )
+        ended = bool(completion.tokens_T) and completion.tokens_T[-1] in self.eos_ids
+        if ended:
+            eos_text = self.tokenizer.convert_ids_to_tokens(completion.tokens_T[-1])
+            closer = closer[len(eos_text) :] if isinstance(eos_text, str) and closer.startswith(eos_text) else closer
+        text = closer + after[len(before) :]
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    # -- what the model wrote ---------------------------------------------------------------
+
+    def parse(self, completion: Completion, tools: Sequence[Tool] = (), turn: int = 0) -> Action:
+        """The sampled tokens as an env action: decoded text, content and tool calls."""
+        text = str(self.tokenizer.decode(list(completion.tokens_T), skip_special_tokens=True))
+        truncated = completion.finish_reason == "length"
+        if not tools:
+            return Action(text, Message("assistant", text), (), len(completion.tokens_T), truncated)
+        parsed = self.format.parse(text, tools, id_prefix=f"call_{turn}")
+        message = Message("assistant", parsed.content, tool_calls=parsed.calls)
+        return Action(text, message, parsed.errors, len(completion.tokens_T), truncated)
+
+    def stop_strings(self, tools: Sequence[Tool]) -> tuple[str, ...]:
+        """Where sampling stops besides the end-of-turn token: the end of a tool call."""
+        return (CALL_END,) if tools else ()
+
+
+def _skeleton(message: Message) -> Message:
+    return replace(message, content=_PLACEHOLDER) if message.role == "assistant" else message
+
+
+def _eos_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    from mathrl.models import eos_token_ids
+
+    return set(eos_token_ids(tokenizer))
+
+
+def _renders_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the chat template does something with ``tools=`` (and renders tool messages)."""
+    probe = Tool("probe_tool_x", "probe", {"type": "object", "properties": {}})
+    messages = [{"role": "user", "content": "x"}]
+    try:
+        plain = tokenizer.apply_chat_template(messages, tokenize=False)
+        with_tools = tokenizer.apply_chat_template(messages, tokenize=False, tools=[probe.as_dict()])
+    except Exception:
+        return False
+    return plain != with_tools and "probe_tool_x" in str(with_tools)
