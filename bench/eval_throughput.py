@@ -25,8 +25,9 @@ from transformers import AutoModelForCausalLM
 
 from mathrl.data.datasets import load_problems
 from mathrl.models import EMBEDDED_MODEL, eos_token_ids, load_for_inference, resolve_model_path
-from mathrl.prompts import math_messages, render_prompt
+from mathrl.prompts import math_messages
 from mathrl.rollout.backend import LocalBackend
+from mathrl.rollout.renderer import Renderer
 from mathrl.runtime import tune_allocator
 
 
@@ -43,7 +44,7 @@ def main() -> None:
     problems = load_problems("gsm8k", "test", data_dir=a.data_dir, limit=a.problems).problems
     model, tokenizer = load_for_inference(EMBEDDED_MODEL, dtype)
     conversations = [math_messages(p.problem) for p in problems]
-    prompts = [render_prompt(tokenizer, c) for c in conversations]
+    prompts = [Renderer(tokenizer).initial_tokens(c) for c in conversations]
     eos = eos_token_ids(tokenizer)
     rows: dict[str, tuple[list[list[int]], float]] = {}
 

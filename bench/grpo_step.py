@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/grpo_step.py              # mathrl, TRL fp32, TRL best; 8 steps each
     .venv/bin/python bench/grpo_step.py --steps 10 --systems mathrl,trl-best
+    .venv/bin/python bench/grpo_step.py --systems mathrl --baseline /tmp/base   # vs another checkout
 
 bench-arith: SmolLM2-135M-Instruct (the embedded model), "What is x + y?" with x, y uniform in
 0..99 (seeded), reward 1 when the last integer of the completion equals x + y, 16 problems
@@ -14,6 +15,10 @@ time, generation time, training time (the rest of the step), generated tokens, m
 The parent measures this machine's matmul rates, counts the step's FLOPs, and prints one
 table: median over steps 3..N (steps 1-2 warm up allocators and caches), the ratio to
 TRL's best setting, and each system's step as a multiple of the compute floor.
+
+``--baseline DIR`` adds ``mathrl@baseline``: the same worker importing mathrl from another
+checkout (e.g. ``git worktree add /tmp/base HEAD~1``), so a change is timed against the code
+before it in one run; the two alternate ``--rounds`` times.
 
 Requires the bench extra: ``pip install -e ".[bench]"`` (TRL 1.16 is a bench-only dependency).
 """
@@ -248,6 +253,8 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--baseline", type=Path, help="another mathrl checkout, timed as mathrl@baseline")
+    ap.add_argument("--rounds", type=int, default=1, help="with --baseline: alternate the two this many times")
     a = ap.parse_args()
     if a.worker:
         worker(a.worker, a.steps, a.out)
@@ -259,22 +266,34 @@ def main() -> None:
     if unknown:
         ap.error(f"--systems: unknown {unknown}; choose from {list(SYSTEMS)}")
 
-    results = {}
+    runs = list(systems)
+    if a.baseline is not None:
+        SYSTEMS["mathrl@baseline"] = f"mathrl train from {a.baseline}"
+        runs = [s for s in systems if s != "mathrl"] + ["mathrl", "mathrl@baseline"] * a.rounds
+    results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for system in systems:
-            out = Path(tmp) / system / "result.json"
+        for k, system in enumerate(runs):
+            out = Path(tmp) / f"{k}-{system}" / "result.json"
             out.parent.mkdir()
             env = dict(os.environ)
             if system == "trl-best-malloc":
                 env["GLIBC_TUNABLES"] = _TUNABLES
+            if system == "mathrl@baseline":
+                env["PYTHONPATH"] = str(a.baseline.resolve())
             print(f"running {system}: {SYSTEMS[system]} ...", flush=True)
             t0 = time.time()
-            cmd = [sys.executable, __file__, "--worker", system.replace("-malloc", ""), "--steps", str(a.steps)]
+            name = system.replace("-malloc", "").replace("@baseline", "")
+            cmd = [sys.executable, __file__, "--worker", name, "--steps", str(a.steps)]
             proc = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stdout[-3000:], proc.stderr[-5000:], sep="\n")
                 raise SystemExit(f"{system} failed (exit {proc.returncode})")
-            results[system] = json.loads(out.read_text())
+            result = json.loads(out.read_text())
+            if system in results:  # another round: its steps join the first round's
+                results[system]["steps"] += result["steps"][2:]
+                results[system]["peak_rss_gb"] = max(results[system]["peak_rss_gb"], result["peak_rss_gb"])
+            else:
+                results[system] = result
             print(f"  done in {time.time() - t0:.0f} s", flush=True)
     rates = matmul_rates()
     print_table(results, rates, a.steps)
@@ -324,6 +343,10 @@ def print_table(results: dict[str, Any], rates: dict[str, float], steps: int) ->
         ratio = f"{step / med(best_trl, 'step'):.3f}" if best_trl else "-"
         print(f"{s:<16}{step:>8.2f}{gen:>8.2f}{train:>9.2f}{toks:>11.0f}{results[s]['peak_rss_gb']:>8.2f}GB"
               f"{step / floor:>9.2f}{ratio:>18}")  # fmt: skip
+    if "mathrl" in results and "mathrl@baseline" in results:
+        print(f"\nmathrl / mathrl@baseline: step {med('mathrl', 'step') / med('mathrl@baseline', 'step'):.3f}, "
+              f"gen {med('mathrl', 'generate') / med('mathrl@baseline', 'generate'):.3f}, "
+              f"train {med('mathrl', 'train') / med('mathrl@baseline', 'train'):.3f}")  # fmt: skip
     print("\nmean reward per step (so speed is never bought with a broken step):")
     for s in results:
         print(f"  {s:<16}" + " ".join(f"{r['reward']:.3f}" for r in results[s]["steps"]))

@@ -1,6 +1,14 @@
 """``mathrl serve``: an OpenAI-compatible chat server for any model mathrl can load.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (non-streaming) and ``GET /health``.
+
+Tools: a request's ``tools`` are rendered into the prompt (natively by a template with tool
+support, else described in the system message in ``tool_parser``'s format, see
+:mod:`mathrl.rollout.renderer`), ``role: "tool"`` messages and assistant ``tool_calls`` in the
+history are accepted, and a reply that calls a tool comes back as OpenAI ``tool_calls`` with
+``finish_reason: "tool_calls"``. Every request field is either honoured or refused with a 400
+naming it (``logprobs``, penalties, ``logit_bias``, ``response_format``, ``tool_choice`` other
+than auto/none, ``stream``...): a client never gets a silently different result.
 Any OpenAI client works against it, and so does :class:`mathrl.rollout.openai_backend.OpenAIBackend`,
 which lets ``mathrl eval`` / ``distill`` run against a served checkpoint (or vLLM, or OpenAI).
 
@@ -27,6 +35,7 @@ What is guaranteed about reproducibility:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import threading
@@ -45,7 +54,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mathrl.config import option
-from mathrl.types import Message, Role
+from mathrl.tools.formats import PARSER_CHOICES, Tool
+from mathrl.types import Message, Role, ToolCall
 
 if TYPE_CHECKING:
     from mathrl.rollout.backend import ChatBackend, Sample
@@ -94,6 +104,10 @@ class ServeConfig:
     batch_window_ms: float = field(
         default=5.0, metadata=option("An idle server waits this long for more requests to batch.", min=0)
     )
+    tool_parser: str = field(
+        default="auto",
+        metadata=option("Tool-call format: auto (what the chat template writes, else hermes).", choices=PARSER_CHOICES),
+    )
 
 
 class InvalidRequest(Exception):
@@ -105,9 +119,10 @@ class InvalidRequest(Exception):
 
 
 class ChatCompletionRequest(BaseModel):
-    """The OpenAI request fields this server honours; unknown fields are ignored, as vLLM does."""
+    """OpenAI's chat request fields. Those this server does not implement are accepted only with
+    their neutral value (checked in :func:`_check_request`); any other field is a 400."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     messages: list[dict[str, Any]] = Field(min_length=1)
@@ -118,15 +133,30 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator accepts
     stream: bool | None = None
+    stop: str | list[str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    user: str | None = None  # an end-user id for the caller's own logs: changes nothing here
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    stream_options: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
 class _Settings:
-    """What must be equal for two requests to share one model call."""
+    """What must be equal for two requests to share one model call (stop strings and whether
+    tools are offered change where replies end)."""
 
     max_tokens: int
     temperature: float
     top_p: float
+    stop: tuple[str, ...] = ()
+    tools: bool = False
 
 
 @dataclass
@@ -138,6 +168,7 @@ class _Pending:
     settings: _Settings
     seed: int
     future: asyncio.Future[_Served]
+    tools: tuple[Tool, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -167,10 +198,12 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mathrl-generate")
         self._count_prompt = _prompt_counter(backend)
 
-    async def submit(self, conversation: tuple[Message, ...], n: int, settings: _Settings, seed: int) -> _Served:
+    async def submit(
+        self, conversation: tuple[Message, ...], n: int, settings: _Settings, seed: int, tools: tuple[Tool, ...] = ()
+    ) -> _Served:
         """Queue one request and wait for its replies."""
         future: asyncio.Future[_Served] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(conversation, n, settings, seed, future))
+        self._queue.append(_Pending(conversation, n, settings, seed, future, tools))
         self._wakeup.set()
         return await future
 
@@ -222,6 +255,11 @@ class Batcher:
         with self._lock:
             self.model_calls += 1
             conversations, n = _flatten(batch)
+            tools = (
+                [p.tools for p in batch]
+                if len(conversations) == len(batch)
+                else [p.tools for p in batch for _ in range(p.n)]
+            )
             s = batch[0].settings
             out = self.backend.generate(
                 conversations,
@@ -230,9 +268,11 @@ class Batcher:
                 temperature=s.temperature,
                 top_p=s.top_p,
                 seeds=_seeds(batch, n),
+                tools=tools,
+                stop=s.stop,
             )
             per_request = _unflatten(batch, out, n)
-            prompts = [self._count_prompt(p.conversation) for p in batch]
+            prompts = [self._count_prompt(p.conversation, p.tools) for p in batch]
         return [_Served(samples, k, len(batch)) for samples, k in zip(per_request, prompts, strict=True)]
 
 
@@ -265,14 +305,12 @@ def _unflatten(batch: Sequence[_Pending], out: list[list[Sample]], n: int) -> li
     return result
 
 
-def _prompt_counter(backend: ChatBackend) -> Callable[[Sequence[Message]], int]:
-    """Prompt length in tokens for ``usage``, with the backend's tokenizer when it has one, else 0."""
-    tokenizer = getattr(backend, "tokenizer", None)
-    if tokenizer is None:
-        return lambda conversation: 0
-    from mathrl.prompts import render_prompt
-
-    return lambda conversation: len(render_prompt(tokenizer, conversation))
+def _prompt_counter(backend: ChatBackend) -> Callable[[Sequence[Message], Sequence[Tool]], int]:
+    """Prompt length in tokens for ``usage``, with the backend's renderer when it has one, else 0."""
+    renderer = getattr(backend, "renderer", None)
+    if renderer is None:
+        return lambda conversation, tools: 0
+    return lambda conversation, tools: len(renderer.initial_tokens(conversation, tools))
 
 
 def _content_text(content: Any, param: str) -> str:
@@ -294,7 +332,8 @@ def _content_text(content: Any, param: str) -> str:
 
 
 def _parse_messages(raw: Sequence[dict[str, Any]]) -> tuple[Message, ...]:
-    """OpenAI message dicts to :class:`Message`; a bad role or content is a 400 naming the field."""
+    """OpenAI message dicts to :class:`Message` (assistant ``tool_calls`` and ``tool`` messages
+    included); a bad role, content or call is a 400 naming the field."""
     messages = []
     for i, m in enumerate(raw):
         role = m.get("role")
@@ -302,8 +341,58 @@ def _parse_messages(raw: Sequence[dict[str, Any]]) -> tuple[Message, ...]:
             raise InvalidRequest(
                 f"messages[{i}].role: expected one of {', '.join(_ROLES)}, got {role!r}", f"messages[{i}].role"
             )
-        messages.append(Message(_ROLES[role], _content_text(m.get("content"), f"messages[{i}].content")))
+        calls = _parse_tool_calls(m.get("tool_calls"), f"messages[{i}].tool_calls") if role == "assistant" else ()
+        content = m.get("content")
+        text = "" if content is None and (calls or role == "tool") else _content_text(content, f"messages[{i}].content")
+        call_id = m.get("tool_call_id") or ""
+        if not isinstance(call_id, str):
+            raise InvalidRequest(f"messages[{i}].tool_call_id: expected a string", f"messages[{i}].tool_call_id")
+        messages.append(Message(_ROLES[role], text, tool_calls=calls, tool_call_id=call_id if role == "tool" else ""))
     return tuple(messages)
+
+
+def _parse_tool_calls(raw: Any, param: str) -> tuple[ToolCall, ...]:
+    """An assistant message's ``tool_calls``: functions with JSON-object arguments."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise InvalidRequest(f"{param}: expected a list", param)
+    calls = []
+    for j, call in enumerate(raw):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequest(f"{param}[{j}].function: expected {{name, arguments}}", f"{param}[{j}].function")
+        arguments = function.get("arguments", "{}")
+        try:
+            valid = isinstance(json.loads(arguments), dict)
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            where = f"{param}[{j}].function.arguments"
+            raise InvalidRequest(f"{where}: expected a JSON object in a string", where)
+        calls.append(ToolCall(function["name"], arguments, str(call.get("id") or f"call_{j}")))
+    return tuple(calls)
+
+
+def _parse_tools(raw: Sequence[dict[str, Any]] | None, choice: Any) -> tuple[Tool, ...]:
+    """The request's function tools (none when ``tool_choice`` is "none")."""
+    if choice not in (None, "auto", "none"):
+        raise InvalidRequest(
+            "tool_choice: this server supports 'auto' and 'none' (the model decides whether to call a tool)",
+            "tool_choice",
+        )
+    if not raw or choice == "none":
+        return ()
+    tools = []
+    for i, spec in enumerate(raw):
+        function = spec.get("function") if isinstance(spec, dict) and spec.get("type") == "function" else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequest(f"tools[{i}]: expected {{type: function, function: {{name, ...}}}}", f"tools[{i}]")
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(parameters, dict):
+            raise InvalidRequest(f"tools[{i}].function.parameters: expected a JSON schema object", f"tools[{i}]")
+        tools.append(Tool(function["name"], str(function.get("description") or ""), parameters))
+    return tuple(tools)
 
 
 def _settings(req: ChatCompletionRequest, max_tokens_limit: int) -> _Settings:
@@ -314,13 +403,28 @@ def _settings(req: ChatCompletionRequest, max_tokens_limit: int) -> _Settings:
         raise InvalidRequest(f"{param}: {max_tokens} is over this server's limit of {max_tokens_limit}", param)
     temperature = 1.0 if req.temperature is None else req.temperature
     top_p = 1.0 if req.top_p is None or temperature == 0 else req.top_p  # greedy ignores top_p: batch freely
-    return _Settings(max_tokens, temperature, top_p)
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    if len(stop) > 4 or any(not s for s in stop):
+        raise InvalidRequest("stop: up to 4 non-empty strings", "stop")
+    return _Settings(max_tokens, temperature, top_p, stop, bool(req.tools) and req.tool_choice != "none")
 
 
 def _check_request(req: ChatCompletionRequest, model_id: str, max_batch: int) -> None:
     """The checks pydantic's field constraints do not express."""
     if req.stream:
         raise InvalidRequest("stream: streaming is not supported by this server; send stream=false", "stream")
+    unsupported = {
+        "logprobs": req.logprobs is True,
+        "top_logprobs": req.top_logprobs is not None,
+        "presence_penalty": bool(req.presence_penalty),
+        "frequency_penalty": bool(req.frequency_penalty),
+        "logit_bias": bool(req.logit_bias),
+        "response_format": req.response_format is not None and req.response_format.get("type") != "text",
+        "stream_options": req.stream_options is not None,
+    }
+    for name, used in unsupported.items():
+        if used:
+            raise InvalidRequest(f"{name}: not supported by this server; leave it out (or at its default)", name)
     if req.model != model_id:
         raise InvalidRequest(
             f"model: the model {req.model!r} does not exist; this server serves {model_id!r}",
@@ -338,8 +442,8 @@ def _completion_body(model_id: str, served: _Served) -> dict[str, Any]:
     choices = [
         {
             "index": i,
-            "message": {"role": "assistant", "content": s.text},
-            "finish_reason": s.finish_reason,
+            "message": _reply_message(s),
+            "finish_reason": "tool_calls" if s.tool_calls else s.finish_reason,
             "logprobs": None,
             "completion_tokens": s.num_tokens,
         }
@@ -360,6 +464,17 @@ def _completion_body(model_id: str, served: _Served) -> dict[str, Any]:
     }
 
 
+def _reply_message(sample: Sample) -> dict[str, Any]:
+    """The assistant message of a choice; tool calls in OpenAI's shape (arguments as a JSON string)."""
+    if not sample.tool_calls:
+        return {"role": "assistant", "content": sample.text}
+    calls = [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in sample.tool_calls
+    ]
+    return {"role": "assistant", "content": sample.text or None, "tool_calls": calls}
+
+
 def _error(status: int, message: str, param: str | None, code: str | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
@@ -372,6 +487,8 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
     if first.get("type") == "json_invalid":
         return _error(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}", None)
+    if first.get("type") == "extra_forbidden":
+        return _error(400, f"{param}: this server does not support the request field {param!r}; leave it out", param)
     if param is None:
         return _error(400, "the request body must be a JSON object", None)
     return _error(400, f"{param}: {first.get('msg', 'invalid value')}", param)
@@ -447,10 +564,11 @@ def make_app(
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> dict[str, Any] | JSONResponse:
         _check_request(req, model_id, max_batch)
         conversation = _parse_messages(req.messages)
+        tools = _parse_tools(req.tools, req.tool_choice)
         settings = _settings(req, max_tokens_limit)
         try:
             served = await request.app.state.batcher.submit(
-                conversation, req.n or 1, settings, req.seed if req.seed is not None else secrets.randbits(62)
+                conversation, req.n or 1, settings, req.seed if req.seed is not None else secrets.randbits(62), tools
             )
         except Exception as e:  # a bug or an out-of-memory in the model: the client gets a 500 with the reason
             log.exception("generation failed")
@@ -482,7 +600,7 @@ def serve(cfg: ServeConfig) -> None:
         torch.set_num_threads(cfg.num_threads)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
     start = time.perf_counter()
-    backend = LocalBackend.load(cfg.model, dtype, max_batch=cfg.max_batch)
+    backend = LocalBackend.load(cfg.model, dtype, max_batch=cfg.max_batch, tool_parser=cfg.tool_parser)
     model_id = cfg.served_model_name or cfg.model
     log.info("loaded %s (%s) in %.1fs; serving it as %r", cfg.model, cfg.dtype, time.perf_counter() - start, model_id)
     app = make_app(

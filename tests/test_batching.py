@@ -84,8 +84,11 @@ def test_micro_batches_bound_tokens_and_count_each_prefix_once():
     lengths = batch.attention_mask_BT.sum(-1).tolist()  # suffixes 4, 3, 5, 2, 3, 7; prefixes 2, 1, 1
     assert lengths == [4, 3, 5, 2, 3, 7]
     assert batch.micro_batches(10_000) == [(0, 6)]
-    # prefix 2 + 4 + 3 = 9 fits 10, + 5 would not; 2 + 5 + (new prefix 1) + 2 = 10 fits; ...
-    assert batch.micro_batches(10) == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    # rows use prefixes 0, 0, 0, 1, 1, 2 (of 2, 1, 1 tokens); suffixes are padded to the longest:
+    # prefix 2 + 2 rows x 4 = 10 fits 10, a third row (5) would make 2 + 3 x 5; then 2 + 5 = 7, and
+    # + prefix 1 + 2 x 5 = 13 would not; 1 + 2 x 3 = 7, + prefix 1 + 3 x 7 would not; 1 + 7
+    assert batch.micro_batches(10) == [(0, 2), (2, 3), (3, 5), (5, 6)]
+    assert batch.micro_batches(14) == [(0, 2), (2, 4), (4, 5), (5, 6)]  # prefixes 2 + 1, 2 rows x 5 = 13
     assert batch.micro_batches(1) == [(b, b + 1) for b in range(6)]  # never empty
 
 

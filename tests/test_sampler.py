@@ -169,11 +169,12 @@ def test_greedy_on_the_real_model_matches_hf_generate():
     the replies of plain HF generate, one prompt at a time."""
     from mathrl.data.datasets import load_problems
     from mathrl.models import EMBEDDED_MODEL, eos_token_ids, load_for_inference
-    from mathrl.prompts import math_messages, render_prompt
+    from mathrl.prompts import math_messages
+    from mathrl.rollout.renderer import Renderer
 
     model, tokenizer = load_for_inference(EMBEDDED_MODEL, torch.float32)
     problems = load_problems("gsm8k", "test", data_dir=_DATA, limit=4).problems
-    prompts = [render_prompt(tokenizer, math_messages(p.problem)) for p in problems]
+    prompts = [Renderer(tokenizer).initial_tokens(math_messages(p.problem)) for p in problems]
     eos = eos_token_ids(tokenizer)
     got = TorchSampler(model, eos, tokenizer.pad_token_id).sample(
         prompts, max_tokens=48, temperature=0.0, seed=0, row_seeds=[0, 1, 2, 3]

@@ -65,7 +65,7 @@ class CountingBackend:
 
     def __post_init__(self) -> None:
         self.calls: list[tuple[int, int, int]] = []
-        self.tokenizer = self.inner.tokenizer  # lets the server count prompt tokens
+        self.renderer = self.inner.renderer  # lets the server count prompt tokens
 
     def generate(self, conversations: Sequence[Sequence[Message]], **kwargs: Any) -> list[list[Sample]]:
         self.calls.append((len(conversations), kwargs["n"], kwargs["max_tokens"]))
@@ -222,6 +222,34 @@ def _request(question: str = "1+1?", **fields: Any) -> dict[str, Any]:
         ),
         ({"model": MODEL_ID, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
         ({**_request(), "model": "gpt-4"}, 404, "model"),
+        # fields this server does not implement: refused, never silently ignored
+        (_request(logprobs=True), 400, "logprobs"),
+        (_request(top_logprobs=2), 400, "top_logprobs"),
+        (_request(presence_penalty=0.5), 400, "presence_penalty"),
+        (_request(frequency_penalty=-1), 400, "frequency_penalty"),
+        (_request(logit_bias={"42": 5}), 400, "logit_bias"),
+        (_request(response_format={"type": "json_object"}), 400, "response_format"),
+        (_request(stream_options={"include_usage": True}), 400, "stream_options"),
+        (_request(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required"), 400, "tool_choice"),
+        (_request(tools=[{"type": "retrieval"}]), 400, "tools[0]"),
+        (_request(guided_json={"type": "object"}), 400, "guided_json"),
+        (_request(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+        (
+            {
+                "model": MODEL_ID,
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}
+                        ],
+                    }
+                ],
+            },
+            400,
+            "messages[0].tool_calls[0].function.arguments",
+        ),
     ],
 )
 def test_bad_requests_name_the_param(
@@ -340,3 +368,86 @@ def test_connection_errors_are_retried_then_reported() -> None:
     with pytest.raises(OpenAIBackendError, match=r"after 2 attempts.*ConnectError") as info:
         _client(url, max_retries=1).generate([CONVERSATIONS[0]], n=1, max_tokens=5, temperature=0)
     assert url in str(info.value) and info.value.status is None
+
+
+def test_stop_strings_end_the_reply_and_are_left_out(
+    server: tuple[str, CountingBackend], reference: list[Sample]
+) -> None:
+    url, _ = server
+    text = reference[0].text
+    stop = text.split()[1]  # a word from the middle of the greedy reply
+    body = _request(QUESTIONS[0], max_tokens=MAX_TOKENS, temperature=0, stop=stop)
+    reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()["choices"][0]
+    assert reply["message"]["content"] == text[: text.index(stop)]
+    assert reply["finish_reason"] == "stop"
+
+
+@pytest.fixture(scope="module")
+def tool_server(local: LocalBackend) -> Iterator[str]:
+    """The same model, serving tool calls in the code_block format (the one it writes)."""
+    backend = LocalBackend(local.sampler.model, local.tokenizer, tool_parser="code_block")
+    with serving(make_app(backend, MODEL_ID, max_batch=16, max_tokens_limit=64)) as url:
+        yield url
+
+
+def test_a_tool_loop_driven_by_the_openai_client(tool_server: str) -> None:
+    from openai import OpenAI
+
+    from mathrl.sandbox import Sandbox
+    from mathrl.tools.python import PYTHON
+
+    client = OpenAI(base_url=f"{tool_server}/v1", api_key="unused", timeout=120)
+    example = {
+        "id": "call_0",
+        "type": "function",
+        "function": {"name": "python", "arguments": '{"code": "print(12 * 34)"}'},
+    }
+    messages: list[Any] = [
+        {"role": "system", "content": "Use the python tool for calculations, then give the answer in \\boxed{}."},
+        {"role": "user", "content": "What is 12 * 34?"},
+        {"role": "assistant", "content": None, "tool_calls": [example]},
+        {"role": "tool", "tool_call_id": "call_0", "content": "408"},
+        {"role": "assistant", "content": "12 * 34 = \\boxed{408}"},
+        {"role": "user", "content": "What is 402 * 116?"},
+    ]
+    first = client.chat.completions.create(
+        model=MODEL_ID, messages=messages, tools=[PYTHON.as_dict()], temperature=0, max_tokens=48, seed=0
+    )
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "python"
+    code = json.loads(call.function.arguments)["code"]
+    assert "402" in code and "116" in code
+    with Sandbox(backend="rlimit") as sandbox:
+        output = sandbox.run(code).output
+    assert output.strip() == "46632"
+    messages += [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": output},
+    ]
+    second = client.chat.completions.create(
+        model=MODEL_ID, messages=messages, tools=[PYTHON.as_dict()], temperature=0, max_tokens=48, seed=0
+    )
+    final = second.choices[0]
+    assert final.finish_reason == "stop" and not final.message.tool_calls
+    assert "46632" in final.message.content
+    without = client.chat.completions.create(
+        model=MODEL_ID, messages=[messages[5]], tools=[PYTHON.as_dict()], tool_choice="none",
+        temperature=0, max_tokens=48,
+    )  # fmt: skip
+    assert not without.choices[0].message.tool_calls  # tool_choice="none": no tools offered, none parsed
+
+
+def test_eval_over_an_endpoint_runs_the_tool_loop(tool_server: str) -> None:
+    from mathrl.envs.math_python import MathPythonEnv, ToolOptions, tool_messages
+
+    options = ToolOptions(sandbox="rlimit")
+    envs = [MathPythonEnv(tool_messages(q, options), ref, "boxed", options) for q, ref in
+            [("What is 402 * 116?", "46632"), ("What is 856 * 115?", "98440")]]  # fmt: skip
+    client = OpenAIBackend(f"{tool_server}/v1", MODEL_ID, api_key="unused")
+    episodes = client.run_episodes(envs, max_tokens=48, temperature=0, seeds=[1, 2], max_turns=4)
+    for turns in episodes:
+        assert len(turns) == 2 and turns[0].metrics["num_tool_calls"] == 1  # a call, then the final reply
+        assert turns[0].logs["tool_calls"][0]["error"] is None
+        assert turns[-1].logs["answer"] is not None

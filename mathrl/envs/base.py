@@ -33,7 +33,10 @@ class Env:
         raise NotImplementedError
 
     def step(self, action: Action) -> StepResult:
-        raise NotImplementedError
+        """One action (an env that only batches: its ``step_batch`` of one)."""
+        if getattr(type(self).step_batch, "__func__", None) is getattr(Env.step_batch, "__func__", None):
+            raise NotImplementedError(f"{type(self).__name__} defines neither step nor step_batch")
+        return type(self).step_batch([self], [action])[0]
 
     @classmethod
     def step_batch(cls, envs: Sequence[Env], actions: Sequence[Action]) -> list[StepResult]:
@@ -91,9 +94,6 @@ class SingleTurnEnv(Env):
 
     def initial_messages(self) -> list[Message]:
         return list(self.messages)
-
-    def step(self, action: Action) -> StepResult:
-        return self.step_batch([self], [action])[0]
 
     @classmethod
     def step_batch(cls, envs: Sequence[Env], actions: Sequence[Action]) -> list[StepResult]:

@@ -92,20 +92,22 @@ class Batch:
         )  # fmt: skip
 
     def micro_batches(self, max_tokens: int) -> list[tuple[int, int]]:
-        """Consecutive row ranges of at most ``max_tokens`` tokens each (every prefix counted
-        once, as the forward computes it), at least one row each: activation memory is bounded
-        by tokens, whatever the mix of short and long sequences."""
+        """Consecutive row ranges of at most ``max_tokens`` tokens each, at least one row each:
+        every prefix counted once, as the forward computes it, and the suffixes as the forward
+        sees them, padded to the longest of the range (one long multi-turn episode among short
+        ones would otherwise pad them all). Activation memory is bounded by tokens, whatever
+        the mix of short and long sequences."""
         lengths_B = self.attention_mask_BT.sum(-1).tolist()
         prefix_P = self.prefix_mask_PL.sum(-1).tolist()
         ranges: list[tuple[int, int]] = []
-        start, used, seen = 0, 0, set[int]()
+        start, prefixes, longest, seen = 0, 0, 0, set[int]()
         for b, (length, p) in enumerate(zip(lengths_B, self.prefix_index_B.tolist(), strict=True)):
-            cost = length + (0 if p in seen else prefix_P[p])
-            if b > start and used + cost > max_tokens:
+            grown = prefixes + (0 if p in seen else prefix_P[p]) + (b - start + 1) * max(longest, length)
+            if b > start and grown > max_tokens:
                 ranges.append((start, b))
-                start, used, seen = b, 0, set()
-                cost = length + prefix_P[p]
-            used += cost
+                start, prefixes, longest, seen = b, 0, 0, set()
+            prefixes += 0 if p in seen else prefix_P[p]
+            longest = max(longest, length)
             seen.add(p)
         ranges.append((start, len(lengths_B)))
         return ranges

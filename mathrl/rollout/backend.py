@@ -22,16 +22,19 @@ from mathrl.models import eos_token_ids, load_for_inference
 from mathrl.rollout.renderer import Renderer
 from mathrl.rollout.runner import run_episodes
 from mathrl.rollout.sampler import TorchSampler
-from mathrl.types import FinishReason, Message
+from mathrl.tools.formats import Tool
+from mathrl.types import FinishReason, Message, ToolCall
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One sampled reply: its text, how many tokens it took, why it ended."""
+    """One sampled reply: its text, how many tokens it took, why it ended; with tools, the
+    calls parsed from it (``text`` is then the content before them)."""
 
     text: str
     num_tokens: int
     finish_reason: FinishReason
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,12 +60,16 @@ class ChatBackend(Protocol):
         top_p: float = 1.0,
         seed: int = 0,
         seeds: Sequence[int] | None = None,
+        tools: Sequence[Sequence[Tool]] | None = None,
+        stop: Sequence[str] = (),
     ) -> list[list[Sample]]:
         """``n`` replies to each conversation (``result[i][j]``: conversation i, sample j).
 
         With ``seeds``, sample j of conversation i is drawn from its own stream seeded
         ``seeds[i] + j``: the same reply however the conversations are batched or split
-        (what evaluation needs to resume exactly). Without, ``seed`` seeds the call."""
+        (what evaluation needs to resume exactly). Without, ``seed`` seeds the call.
+        ``tools[i]``: tools conversation i may call (their calls come back parsed);
+        ``stop``: strings that end a reply, left out of its text (OpenAI's ``stop``)."""
         ...
 
     def run_episodes(
@@ -114,21 +121,28 @@ class LocalBackend:
         top_p: float = 1.0,
         seed: int = 0,
         seeds: Sequence[int] | None = None,
+        tools: Sequence[Sequence[Tool]] | None = None,
+        stop: Sequence[str] = (),
     ) -> list[list[Sample]]:
-        rendered = [self.renderer.initial_tokens(conv) for conv in conversations]
+        toolsets = [tuple(t) for t in tools] if tools is not None else [()] * len(conversations)
+        rendered = [self.renderer.initial_tokens(conv, ts) for conv, ts in zip(conversations, toolsets, strict=True)]
         prompts = [p for p in rendered for _ in range(n)]
         row_seeds = [seeds[i] + j for i in range(len(conversations)) for j in range(n)] if seeds else None
+        stops = sorted({*stop, *(s for ts in toolsets for s in self.renderer.stop_strings(ts))})
         completions = self.sampler.sample(
-            prompts, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, row_seeds=row_seeds
-        )
-        samples = [
-            Sample(
-                str(self.tokenizer.decode(list(c.tokens_T), skip_special_tokens=True)),
-                len(c.tokens_T),
-                c.finish_reason,
-            )
-            for c in completions
-        ]
+            prompts, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, row_seeds=row_seeds,
+            stop=stops,
+        )  # fmt: skip
+        samples = []
+        for k, c in enumerate(completions):
+            action = self.renderer.parse(c, toolsets[k // n])
+            text, calls = action.text, action.message.tool_calls
+            if calls and not action.parse_errors:
+                text = action.message.content
+            else:
+                calls = ()
+                text = _cut_at_stop(text, stop)
+            samples.append(Sample(text, len(c.tokens_T), c.finish_reason, calls))
         return [samples[i * n : (i + 1) * n] for i in range(len(conversations))]
 
     def run_episodes(
@@ -152,3 +166,9 @@ class LocalBackend:
             ]
             for traj in trajectories
         ]
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the first stop string (OpenAI leaves the stop sequence out)."""
+    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[: min(cuts)] if cuts else text

@@ -40,6 +40,7 @@ import httpx
 from mathrl.envs.base import Env, step_envs
 from mathrl.rollout.backend import Sample, Turn
 from mathrl.rollout.runner import turn_seed
+from mathrl.tools.formats import Tool
 from mathrl.types import Action, FinishReason, Message, ToolCall
 
 __all__ = ["OpenAIBackend", "OpenAIBackendError"]
@@ -98,13 +99,16 @@ class OpenAIBackend:
         top_p: float = 1.0,
         seed: int = 0,
         seeds: Sequence[int] | None = None,
+        tools: Sequence[Sequence[Tool]] | None = None,
+        stop: Sequence[str] = (),
     ) -> list[list[Sample]]:
         """``n`` replies to each conversation (``result[i][j]``: conversation i, sample j)."""
         return _run_sync(
             self.agenerate(
-                conversations, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, seeds=seeds
+                conversations, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                seeds=seeds, tools=tools, stop=stop,
             )
-        )
+        )  # fmt: skip
 
     async def agenerate(
         self,
@@ -116,6 +120,8 @@ class OpenAIBackend:
         top_p: float = 1.0,
         seed: int = 0,
         seeds: Sequence[int] | None = None,
+        tools: Sequence[Sequence[Tool]] | None = None,
+        stop: Sequence[str] = (),
     ) -> list[list[Sample]]:
         """:meth:`generate` for callers that already run an event loop. The first failure cancels the rest."""
         semaphore = asyncio.Semaphore(self.concurrency)
@@ -125,8 +131,9 @@ class OpenAIBackend:
 
             async def one(i: int, conversation: Sequence[Message]) -> list[Sample]:
                 payload = self._payload(
-                    conversation, n, max_tokens, temperature, top_p, seeds[i] if seeds else seed + i
-                )
+                    conversation, n, max_tokens, temperature, top_p, seeds[i] if seeds else seed + i,
+                    tools[i] if tools is not None else (), stop,
+                )  # fmt: skip
                 async with semaphore:
                     body = await self._post(client, payload)
                 return _samples(body, n, self.url)
@@ -176,7 +183,7 @@ class OpenAIBackend:
 
                 async def one(e: int, turn: int) -> dict[str, Any]:
                     payload = self._payload(conversations[e], 1, max_tokens, temperature, top_p,
-                                            turn_seed(seeds[e], turn), envs[e])  # fmt: skip
+                                            turn_seed(seeds[e], turn), envs[e].tools)  # fmt: skip
                     async with semaphore:
                         return await self._post(client, payload)
 
@@ -211,7 +218,8 @@ class OpenAIBackend:
         temperature: float,
         top_p: float,
         seed: int,
-        env: Env | None = None,
+        tools: Sequence[Tool] = (),
+        stop: Sequence[str] = (),
     ) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "model": self.model,
@@ -222,8 +230,10 @@ class OpenAIBackend:
             "top_p": top_p,
             "seed": seed,
         }
-        if env is not None and env.tools:
-            payload["tools"] = [t.as_dict() for t in env.tools]
+        if stop:
+            payload["stop"] = list(stop)
+        if tools:
+            payload["tools"] = [t.as_dict() for t in tools]
             for message in payload["messages"]:  # the API carries arguments as a JSON string
                 for call in message.get("tool_calls", []):
                     call["function"]["arguments"] = json.dumps(call["function"]["arguments"])
@@ -274,15 +284,19 @@ def _samples(body: dict[str, Any], n: int, url: str) -> list[Sample]:
         raise OpenAIBackendError(f"POST {url}: asked for n={n} choices, got {got} (does the server support n?)")
     choices = sorted(choices, key=lambda c: int(c.get("index", 0)))
     counts = _token_counts(choices, body.get("usage"))
-    return [Sample(_text(c), k, _finish_reason(c.get("finish_reason"))) for c, k in zip(choices, counts, strict=True)]
+    return [
+        Sample(_text(c), k, _finish_reason(c.get("finish_reason")), _action(body, url, c).message.tool_calls)
+        for c, k in zip(choices, counts, strict=True)
+    ]
 
 
-def _action(body: dict[str, Any], url: str) -> Action:
-    """The first choice of a response as an env action: content and the server's parsed tool calls."""
-    choices = body.get("choices")
-    if not isinstance(choices, list) or not choices:
-        raise OpenAIBackendError(f"POST {url}: the response has no choices")
-    choice = choices[0]
+def _action(body: dict[str, Any], url: str, choice: dict[str, Any] | None = None) -> Action:
+    """A choice (default: the first) as an env action: content and the server's parsed tool calls."""
+    if choice is None:
+        choices = body.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise OpenAIBackendError(f"POST {url}: the response has no choices")
+        choice = choices[0]
     calls, errors = [], []
     for k, raw in enumerate((choice.get("message") or {}).get("tool_calls") or []):
         function = raw.get("function") if isinstance(raw, dict) else None

@@ -20,11 +20,12 @@ it, so a history-rewriting template changes nothing already in the sequence.
 
 Tools. A template that renders ``tools=`` (Qwen-style) gets them natively, and tool
 results as ``role: tool`` messages, rendered as the template does. A template without tool
-support (the embedded SmolLM2's) gets the tools described in the system message in the
-chosen format (:meth:`ToolFormat.describe`), assistant tool calls written out in that format,
-and each tool result as a user turn ``<tool_response>\\n...\\n</tool_response>``. Either way
-sampling stops at the end of a call (``</tool_call>``), so the model cannot go on to invent
-the tool's answer.
+support (the embedded SmolLM2's), or a format other than the one the template writes, gets
+the tools described in the system message in the chosen format (:meth:`ToolFormat.describe`),
+assistant tool calls written out in that format, and each tool result as a user turn
+(:meth:`ToolFormat.wrap_result`: ``<tool_response>\\n...\\n</tool_response>``, or an
+``output`` code block). Either way sampling stops at the end of a call (``</tool_call>``, or a
+code block's closing fence), so the model cannot go on to invent the tool's answer.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from mathrl.tools.formats import CALL_END, FORMATS, RESPONSE_END, RESPONSE_START, Tool, ToolFormat, format_for_template
+from mathrl.tools.formats import FORMATS, Tool, ToolFormat, format_for_template
 from mathrl.types import Action, Completion, Message
 
 _PLACEHOLDER = "\u2063mathrl-placeholder\u2063"  # an invisible separator: no template rewrites it
@@ -53,11 +54,11 @@ class Renderer:
         if tool_parser != "auto" and tool_parser not in FORMATS:
             raise ValueError(f"tool_parser: expected auto or one of {', '.join(FORMATS)}, got {tool_parser!r}")
         template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-        self.native_tools = _renders_tools(tokenizer)
-        self.format: ToolFormat = FORMATS[format_for_template(template) if tool_parser == "auto" else tool_parser]
-        eos = tokenizer.convert_ids_to_tokens(sorted(_eos_ids(tokenizer)))
+        native = format_for_template(template)
+        self.format: ToolFormat = FORMATS[native if tool_parser == "auto" else tool_parser]
+        # the template's own tool rendering, when it writes calls the way the model is asked to
+        self.native_tools = _renders_tools(tokenizer) and self.format.name == native
         self.eos_ids = _eos_ids(tokenizer)
-        self.eos_texts = [t for t in eos if isinstance(t, str)]
 
     # -- what the model reads ---------------------------------------------------------------
 
@@ -76,7 +77,7 @@ class Renderer:
                 calls = "\n".join(self.format.format_call(c) for c in m.tool_calls)
                 out.append({"role": "assistant", "content": f"{m.content}\n{calls}" if m.content else calls})
             elif m.role == "tool":
-                block = f"{RESPONSE_START}\n{m.content}\n{RESPONSE_END}"
+                block = self.format.wrap_result(m.content)
                 if out and out[-1].get("_tool_results"):  # consecutive results share one user turn
                     out[-1]["content"] += "\n" + block
                 else:
@@ -144,7 +145,7 @@ class Renderer:
 
     def stop_strings(self, tools: Sequence[Tool]) -> tuple[str, ...]:
         """Where sampling stops besides the end-of-turn token: the end of a tool call."""
-        return (CALL_END,) if tools else ()
+        return (self.format.call_end,) if tools else ()
 
 
 def _skeleton(message: Message) -> Message:

@@ -16,6 +16,14 @@
     </function>
     </tool_call>
 
+``code_block``: a fenced code block named after the tool, its one string argument as the
+body; the result comes back in an ``output`` block (the tool-integrated reasoning style of
+ToRA and Qwen2.5-Math, and what small models trained on Markdown write readily)::
+
+    ```python
+    print(6 * 7)
+    ```
+
 ``FORMATS`` is the registry (``tool_parser=`` choices derive from it). :meth:`ToolFormat.parse`
 never raises: a call it cannot read becomes an error text (the env answers it with a tool
 message carrying that text, counted as a ``parse`` error), and the text before the first
@@ -69,9 +77,11 @@ class Parsed:
 
 
 class ToolFormat:
-    """A way of writing tool calls; subclasses say how one call's body reads and writes."""
+    """A way of writing tool calls; subclasses say how one call's body reads and writes.
+    ``call_start``/``call_end`` delimit a call; sampling stops at ``call_end``."""
 
     name = ""
+    call_start, call_end = CALL_START, CALL_END
 
     def format_call(self, call: ToolCall) -> str:
         """The text of one call, as the model writes it (tags included)."""
@@ -83,26 +93,33 @@ class ToolFormat:
 
     def parse(self, text: str, tools: Sequence[Tool], id_prefix: str = "call") -> Parsed:
         """Content, calls and errors of a reply (calls get ids ``{id_prefix}_{k}``)."""
-        first = text.find(CALL_START)
+        start, end_tag = self.call_start, self.call_end
+        first = text.find(start)
         if first < 0:
-            stray = CALL_END in text
-            return Parsed(text.strip(), errors=(f"a {CALL_END} without {CALL_START}",) if stray else ())
+            stray = end_tag.strip() in text and start == CALL_START
+            return Parsed(text.strip(), errors=(f"a {end_tag} without {start}",) if stray else ())
         content = text[:first].strip()
         calls: list[ToolCall] = []
         errors: list[str] = []
         position = first
         while position >= 0:
-            end = text.find(CALL_END, position)
+            end = text.find(end_tag, position + len(start))
+            if end < 0 and end_tag.rstrip() != end_tag and text.endswith(end_tag.rstrip()):
+                end = len(text) - len(end_tag.rstrip())  # the closing line ended the reply
             if end < 0:
-                errors.append(f"a {CALL_START} without {CALL_END}")
+                errors.append(f"a {start.strip()} without {end_tag.strip()}")
                 break
-            parsed = self._parse_body(text[position + len(CALL_START) : end], tools)
+            parsed = self._parse_body(text[position + len(start) : end], tools)
             if isinstance(parsed, str):
                 errors.append(parsed)
             else:
                 calls.append(ToolCall(parsed.name, parsed.arguments, f"{id_prefix}_{len(calls)}"))
-            position = text.find(CALL_START, end)
+            position = text.find(start, end + len(end_tag.rstrip()))
         return Parsed(content, tuple(calls), tuple(errors))
+
+    def wrap_result(self, text: str) -> str:
+        """A tool result as the model reads it when the chat template has no tool role."""
+        return f"{RESPONSE_START}\n{text}\n{RESPONSE_END}"
 
     def describe(self, tools: Sequence[Tool]) -> str:
         """The tools and how to call them, for a system message."""
@@ -110,10 +127,11 @@ class ToolFormat:
         example = tools[0]
         args = {name: _EXAMPLE_VALUES.get(name, "...") for name in example.required}
         call = self.format_call(ToolCall(example.name, json.dumps(args)))
+        result = self.wrap_result("...").replace("\n...\n", "")
         return (
             f"You can call {'this tool' if len(tools) == 1 else 'these tools'}:\n<tools>\n{specs}\n</tools>\n"
             f"To call a tool, reply with only the call, like this:\n{call}\n"
-            f"Its result comes back in {RESPONSE_START}{RESPONSE_END}. "
+            f"Its result comes back in {result}. "
             "When you have the final answer, reply without a tool call."
         )
 
@@ -188,6 +206,39 @@ class Qwen3CoderFormat(ToolFormat):
         return _checked(name, arguments, tools)
 
 
+class CodeBlockFormat(ToolFormat):
+    """```TOOL fenced blocks; for tools with one string argument (python's ``code``)."""
+
+    name = "code_block"
+    call_start, call_end = "```", "\n```\n"
+
+    def format_call(self, call: ToolCall) -> str:
+        body = next(iter(call.args.values()), "")
+        return f"```{call.name}\n{_raw(body)}\n```"
+
+    def _parse_body(self, body: str, tools: Sequence[Tool]) -> ToolCall | str:
+        name, newline, code = body.partition("\n")
+        name = name.strip()
+        known = {t.name: t for t in tools}
+        if not newline or name not in known:
+            return f"a code block must start with ```{next(iter(known), 'python')} on its own line, got ```{name}"
+        required = known[name].required
+        if len(required) != 1:
+            return f"{name} takes {len(required)} arguments: it cannot be called with a code block"
+        return _checked(name, {required[0]: code}, tools)
+
+    def wrap_result(self, text: str) -> str:
+        return f"```output\n{text}\n```"
+
+    def describe(self, tools: Sequence[Tool]) -> str:
+        names = ", ".join(t.name for t in tools)
+        return (
+            f"To run {names} code, write it in a ```{tools[0].name} block, like this:\n"
+            f"{self.format_call(ToolCall(tools[0].name, json.dumps({'code': 'print(2 + 3)'})))}\n"
+            "Its output comes back in an ```output block. When you have the final answer, reply without a code block."
+        )
+
+
 def _raw(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
@@ -199,7 +250,11 @@ def _json_or_raw(raw: str) -> Any:
         return raw
 
 
-FORMATS: dict[str, ToolFormat] = {"hermes": HermesFormat(), "qwen3_coder": Qwen3CoderFormat()}
+FORMATS: dict[str, ToolFormat] = {
+    "hermes": HermesFormat(),
+    "qwen3_coder": Qwen3CoderFormat(),
+    "code_block": CodeBlockFormat(),
+}
 PARSER_CHOICES = ("auto", *FORMATS)
 """Values of ``tool_parser=``: ``auto`` is the format the model's chat template writes, else hermes."""
 

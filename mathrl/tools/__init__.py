@@ -1,0 +1,2 @@
+"""Tools the model may call during an episode: call formats (:mod:`.formats`) and the
+sandboxed ``python`` tool (:mod:`.python`)."""
