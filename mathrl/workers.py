@@ -23,6 +23,7 @@ whose side of the protocol is :func:`read_message` / :func:`write_message`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -99,6 +100,26 @@ def _read_exactly(fd: int, size: int) -> bytes:
     return b"".join(chunks)
 
 
+def ready(fds: Sequence[int], timeout: float, write: bool = False) -> list[int]:
+    """The descriptors of ``fds`` readable (or writable) within ``timeout`` seconds. poll, not
+    select: a process with hundreds of sessions has descriptors past select's limit of 1024."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLOUT if write else select.POLLIN)
+    return [fd for fd, _ in poller.poll(max(0.0, timeout) * 1000)]
+
+
+def raise_open_files_limit() -> None:
+    """Lift this process's soft limit on open files to its hard limit (each worker holds a few
+    pipes; the usual soft limit of 1024 is a few hundred sandbox sessions)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 _LAUNCHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mathrl-spawn")
 
 
@@ -165,8 +186,7 @@ class Worker:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("the worker did not read its request in time")
-            _, writable, _ = select.select([], [self.requests], [], remaining)
-            if not writable:
+            if not ready([self.requests], remaining, write=True):
                 continue
             try:
                 data = data[os.write(self.requests, data[: 1 << 16]) :]
@@ -195,8 +215,7 @@ class Worker:
         """The next message, or None if none arrived by ``deadline``; EOFError if the child died."""
         while not self.pending:
             remaining = deadline - time.monotonic()
-            readable, _, _ = select.select([self.replies], [], [], max(0.0, remaining))
-            if readable:
+            if ready([self.replies], remaining):
                 self.pending.extend(self.receive())
             elif remaining <= 0:
                 return None

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import atexit
 import os
-import select
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
 
-from mathrl.workers import Worker
+from mathrl.workers import Worker, ready
 
 
 class _GradingWorker(Worker):
@@ -68,8 +67,8 @@ class GradingPool:
                 now = time.monotonic()
                 waits = [w.deadline - now for w in self.workers if w.task is not None]
                 wait = max(0.0, min(waits)) if waits else 5.0
-                readable, _, _ = select.select(self.workers, [], [], wait)
-                for w in readable:
+                fds = ready([w.fileno() for w in self.workers], wait)
+                for w in [w for w in self.workers if w.fileno() in fds]:
                     try:
                         messages = w.receive()
                     except (EOFError, OSError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import resource
-import select
 import signal
 import time
 from collections.abc import Sequence
@@ -13,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from mathrl.sandbox.backends import DEFAULT_PACKAGES, Backend, Launched, SandboxError, read_all, resolve
 from mathrl.sandbox.output import OutputCap
 from mathrl.sandbox.types import ErrorKind, ExecResult, SandboxLimits
-from mathrl.workers import ProtocolError
+from mathrl.workers import ProtocolError, raise_open_files_limit, ready
 
 GRACE_S = 1.0
 """Past ``wall_s`` the session gets this long to stop the cell itself before it is killed."""
@@ -41,6 +40,7 @@ class Sandbox:
     ):
         self.limits = limits or SandboxLimits()
         self.backend: Backend = resolve(backend)
+        raise_open_files_limit()
         self.packages = tuple(packages)
         self._launched: Launched | None = None
         self._ready = False
@@ -138,7 +138,7 @@ class Sandbox:
                     "timeout",
                     f"[the run passed its wall-clock limit of {limits.wall_s:g} s and was stopped; {LOST}]",
                 )
-            readable, _, _ = select.select(watch, [], [], remaining)
+            readable = ready(watch, remaining)
             if out in readable and not _pump(out, cap):
                 watch.remove(out)  # every writer is gone
             if cap.flooded:

@@ -69,8 +69,12 @@ class PythonSession:
             self.sandbox = None
 
 
+MAX_CONCURRENT_SESSIONS = 64
+"""Threads that drive sessions at once (each mostly waits on its session's pipes)."""
+
+
 def run_calls(jobs: Sequence[tuple[PythonSession, Sequence[ToolCall]]]) -> list[list[CallRecord]]:
-    """Each session's calls in order, all sessions at once (one thread each)."""
+    """Each session's calls in order, up to ``MAX_CONCURRENT_SESSIONS`` sessions at once."""
     if not jobs:
         return []
 
@@ -78,7 +82,9 @@ def run_calls(jobs: Sequence[tuple[PythonSession, Sequence[ToolCall]]]) -> list[
         session, calls = job
         return [session.call(c) for c in calls]
 
-    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="mathrl-tool") as pool:
+    with ThreadPoolExecutor(
+        max_workers=min(len(jobs), MAX_CONCURRENT_SESSIONS), thread_name_prefix="mathrl-tool"
+    ) as pool:
         return list(pool.map(run, jobs))
 
 

@@ -218,8 +218,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         seed = _step_seed(cfg.seed, step, "eval")
         items = test_items
         settings = GenSettings(cfg.eval_n, cfg.max_tokens, cfg.eval_temperature, 1.0, seed, cfg.max_turns)
+        episodes = any(item.make_env for item in items)  # tool episodes hold a sandbox session each
         rows = run_eval_items(eval_backend, items, settings, out_path=log_path / "eval" / f"step_{step:06d}.jsonl",
-                              chunk_size=len(items))  # fmt: skip
+                              chunk_size=64 if episodes else len(items))  # fmt: skip
         return {**test_metrics(summarize("test", to_results(rows))), "time/eval": time.time() - t0}
 
     def save(step: int, final: bool = False) -> None:
