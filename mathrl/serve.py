@@ -35,7 +35,6 @@ What is guaranteed about reproducibility:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import threading
@@ -54,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mathrl.config import option
-from mathrl.tools.formats import PARSER_CHOICES, Tool
+from mathrl.tools.formats import PARSER_CHOICES, Tool, check_call
 from mathrl.types import Message, Role, ToolCall
 
 if TYPE_CHECKING:
@@ -363,14 +362,11 @@ def _parse_tool_calls(raw: Any, param: str) -> tuple[ToolCall, ...]:
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise InvalidRequest(f"{param}[{j}].function: expected {{name, arguments}}", f"{param}[{j}].function")
         arguments = function.get("arguments", "{}")
-        try:
-            valid = isinstance(json.loads(arguments), dict)
-        except (TypeError, ValueError):
-            valid = False
-        if not valid:
+        checked = check_call(function["name"], arguments if isinstance(arguments, str) else None, None)
+        if isinstance(checked, str):
             where = f"{param}[{j}].function.arguments"
             raise InvalidRequest(f"{where}: expected a JSON object in a string", where)
-        calls.append(ToolCall(function["name"], arguments, str(call.get("id") or f"call_{j}")))
+        calls.append(ToolCall(checked.name, arguments, str(call.get("id") or f"call_{j}")))
     return tuple(calls)
 
 

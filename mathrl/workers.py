@@ -147,22 +147,23 @@ class Worker:
         reply_limit: int = MAX_REPLY_BYTES,
         start_new_session: bool = False,
     ):
-        request_r, request_w = os.pipe()
-        reply_r, reply_w = os.pipe()
-        fds = {"{request_fd}": str(request_r), "{reply_fd}": str(reply_w)}
-        argv = [_substitute(a, fds) for a in argv]
+        opened: list[int] = []
         try:
+            request_r, request_w = os.pipe()
+            opened += [request_r, request_w]
+            reply_r, reply_w = os.pipe()
+            opened += [reply_r, reply_w]
+            fds = {"{request_fd}": str(request_r), "{reply_fd}": str(reply_w)}
             self.proc = spawn(
-                argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                pass_fds=(request_r, reply_w, *pass_fds), start_new_session=start_new_session,
+                [_substitute(a, fds) for a in argv], env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=stdout,
+                stderr=stderr, pass_fds=(request_r, reply_w, *pass_fds), start_new_session=start_new_session,
             )  # fmt: skip
         except BaseException:
-            for fd in (request_w, reply_r):
+            for fd in opened:
                 os.close(fd)
             raise
-        finally:
-            os.close(request_r)
-            os.close(reply_w)
+        os.close(request_r)
+        os.close(reply_w)
         os.set_blocking(request_w, False)
         os.set_blocking(reply_r, False)
         self.requests, self.replies = request_w, reply_r
@@ -195,21 +196,25 @@ class Worker:
             except (BrokenPipeError, OSError):
                 raise EOFError("the worker is gone") from None
 
-    def receive(self) -> list[Any]:
-        """The messages completed by what can be read now (possibly none); EOFError once the
-        child has closed its end, ProtocolError on garbage."""
+    def receive(self, max_bytes: int = 1 << 20) -> list[Any]:
+        """The messages completed by what can be read now, at most ``max_bytes`` of it (so a
+        child that writes without end cannot keep the caller here past its deadline); possibly
+        none. EOFError once the child has closed its end, ProtocolError on garbage."""
         messages: list[Any] = list(self.pending)
         self.pending.clear()
-        while True:
+        budget = max_bytes
+        while budget > 0:
             try:
-                data = os.read(self.replies, 1 << 16)
+                data = os.read(self.replies, min(1 << 16, budget))
             except BlockingIOError:
                 return messages
+            budget -= len(data)
             if not data:
                 if messages:
                     return messages
                 raise EOFError("the worker closed its reply pipe")
             messages += self.decoder.feed(data)
+        return messages
 
     def wait(self, deadline: float) -> Any:
         """The next message, or None if none arrived by ``deadline``; EOFError if the child died."""

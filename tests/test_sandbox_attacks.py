@@ -457,3 +457,61 @@ def test_signals_to_the_test_process_never_arrive():
         assert hits == []
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+# ----------------------------------------------------------------------------- the protocol and host metadata
+
+_REPLY_FD = "import json, os, struct, sys\nfd = int(json.loads(sys.argv[1])['reply_fd'])\n"
+
+
+def _frame(message: dict) -> str:
+    return f"body = json.dumps({message!r}).encode()\nos.write(fd, struct.pack('<I', len(body)) + body)\n"
+
+
+@pytest.mark.parametrize("backend", BOTH)
+@pytest.mark.parametrize(
+    "reply", [{"cell": "guess", "error": None, "threads": 0}, {"error": None, "threads": "many"}, {"ready": True}]
+)
+def test_a_cell_that_writes_its_own_reply_is_caught(backend, reply):
+    with open_session(backend) as sb:
+        sb.run("kept = 1")
+        result = sb.run(_REPLY_FD + _frame(reply) + "import time\ntime.sleep(0.3)\n'the real end'")
+        assert (result.error, result.state_lost) == ("sandbox", True)
+        assert "reply" in result.output
+        assert "NameError" in sb.run("kept").output  # a fresh session, not the confused one
+        usable_after(sb)
+
+
+@pytest.mark.parametrize("backend", BOTH)
+def test_a_reply_flood_cannot_hold_the_parent(backend):
+    with open_session(backend) as sb:
+        rss = _rss_mb()
+        code = (
+            _REPLY_FD
+            + "import signal\nfor s in (signal.SIGALRM, signal.SIGXCPU):\n    signal.signal(s, signal.SIG_IGN)\n"
+            "tiny = struct.pack('<I', 1) + b'0'\nwhile True:\n    os.write(fd, tiny * 4096)"
+        )
+        result = sb.run(code)
+        assert result.error in ("sandbox", "timeout") and result.state_lost
+        assert result.duration_s < FAST.wall_s + 2
+        assert _rss_mb() - rss < 100
+        usable_after(sb)
+
+
+def test_host_device_nodes_keep_their_metadata():
+    """As root the session's uid maps to host root and the device nodes are the host's: the
+    changes tried are no-ops (same mode, times, owner), so a regression fails this test without
+    breaking the machine's /dev/null."""
+    before = os.stat("/dev/null")
+    mode, times = before.st_mode & 0o7777, (before.st_atime, before.st_mtime)
+    with open_session("bwrap") as sb:
+        result = sb.run(
+            f"import os\nfor change in (lambda: os.chmod('/dev/null', {mode}),\n"
+            f"               lambda: os.utime('/dev/null', {times}), lambda: os.chown('/dev/null', -1, -1)):\n"
+            "    try:\n        change()\n        print('changed')\n    except OSError as e:\n        print(e.errno)"
+        )
+        assert result.output == "1\n1\n1\n"  # EPERM, three times
+    after = os.stat("/dev/null")
+    assert (after.st_mode, after.st_uid, after.st_gid, after.st_mtime_ns) == (
+        before.st_mode, before.st_uid, before.st_gid, before.st_mtime_ns,
+    )  # fmt: skip

@@ -98,4 +98,5 @@ def test_the_description_shows_the_tool_and_a_call_in_the_chosen_format():
 def test_the_default_format_follows_the_template():
     assert format_for_template("... <function={{ name }}> ...") == "qwen3_coder"
     assert format_for_template("... <tool_call> ...") == "hermes"
-    assert format_for_template(None) == "hermes"
+    assert format_for_template("{{ '<|python_tag|>' + call | tojson }}") is None  # Llama 3: not parsed here
+    assert format_for_template(None) is None

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-from mathrl.grading import grade_batch
+from mathrl.grading import Grade, grade_batch
 from mathrl.tools.formats import Tool
 from mathrl.types import Action, Message, StepResult
 
@@ -59,6 +59,12 @@ def step_envs(envs: Sequence[Env], actions: Sequence[Action]) -> list[StepResult
             results[i] = result
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]
+
+
+def answer_metrics(grade: Grade) -> dict[str, float]:
+    """A graded final answer's metrics: correct, format (an answer was found), grader timeout."""
+    return {"correct": float(grade.correct), "format": float(grade.answer is not None),
+            "grader_timeout": float(grade.timed_out)}  # fmt: skip
 
 
 class GroupBuilder(Protocol):
@@ -107,11 +113,7 @@ class SingleTurnEnv(Env):
             formatted = grade.answer is not None
             reward = float(grade.correct) + env.format_coef * (float(formatted) - 1.0)
             reward -= env.length_penalty * action.num_tokens / 1000
-            metrics = {
-                "correct": float(grade.correct),
-                "format": float(formatted),
-                "grader_timeout": float(grade.timed_out),
-            }
+            metrics = answer_metrics(grade)
             results.append(StepResult(reward, True, metrics=metrics, logs={"answer": grade.answer}))
         return results
 

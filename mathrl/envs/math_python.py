@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from mathrl.envs.arithmetic import ArithmeticConfig, ArithmeticDataset
-from mathrl.envs.base import Env, SingleTurnBuilder
+from mathrl.envs.base import Env, SingleTurnBuilder, answer_metrics
 from mathrl.envs.math import MathConfig, MathDataset
 from mathrl.grading import grade_batch
 from mathrl.sandbox import CHOICES as SANDBOX_CHOICES
@@ -152,12 +152,12 @@ class MathPythonEnv(Env):
                 results.append(env._tool_result(action, records[i]))
                 continue
             grade = graded[i]
-            formatted = grade.answer is not None
-            void = not formatted and not action.message.tool_calls
+            void = grade.answer is None and not action.message.tool_calls
             metrics = {
-                "correct": float(grade.correct), "format": float(formatted), "grader_timeout": float(grade.timed_out),
-                "void": float(void), "over_budget": float(bool(action.message.tool_calls)),
-            }  # fmt: skip
+                **answer_metrics(grade),
+                "void": float(void),
+                "over_budget": float(bool(action.message.tool_calls)),
+            }
             if void and env.options.drop_void_turns:
                 metrics["drop_trajectory"] = 1.0
             results.append(StepResult(float(grade.correct), True, metrics=metrics, logs={"answer": grade.answer}))

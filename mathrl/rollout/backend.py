@@ -157,7 +157,7 @@ class LocalBackend:
     ) -> list[list[Turn]]:
         trajectories = run_episodes(
             envs, self.sampler, self.renderer, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            row_seeds=seeds, max_turns=max_turns,
+            row_seeds=seeds, max_turns=max_turns, max_context=context_length(self.sampler.model),
         )  # fmt: skip
         return [
             [
@@ -172,3 +172,9 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """``text`` up to the first stop string (OpenAI leaves the stop sequence out)."""
     cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
     return text[: min(cuts)] if cuts else text
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    """The most positions the model takes (an episode stops before it outgrows them)."""
+    value = getattr(model.config, "max_position_embeddings", None)
+    return value if isinstance(value, int) else None

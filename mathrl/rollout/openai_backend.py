@@ -37,11 +37,11 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 
-from mathrl.envs.base import Env, step_envs
+from mathrl.envs.base import Env
 from mathrl.rollout.backend import Sample, Turn
-from mathrl.rollout.runner import turn_seed
-from mathrl.tools.formats import Tool
-from mathrl.types import Action, FinishReason, Message, ToolCall
+from mathrl.rollout.runner import play, turn_seed
+from mathrl.tools.formats import Tool, check_call
+from mathrl.types import Action, FinishReason, Message, StepResult
 
 __all__ = ["OpenAIBackend", "OpenAIBackendError"]
 
@@ -155,60 +155,13 @@ class OpenAIBackend:
         seeds: Sequence[int],
         max_turns: int,
     ) -> list[list[Turn]]:
-        """Multi-turn episodes over the chat API (see the module docstring)."""
-        return _run_sync(
-            self.arun_episodes(
-                envs, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seeds=seeds, max_turns=max_turns
-            )
-        )
-
-    async def arun_episodes(
-        self,
-        envs: Sequence[Env],
-        *,
-        max_tokens: int,
-        temperature: float,
-        top_p: float = 1.0,
-        seeds: Sequence[int],
-        max_turns: int,
-    ) -> list[list[Turn]]:
-        conversations = [env.initial_messages() for env in envs]
-        turns: list[list[Turn]] = [[] for _ in envs]
-        active = list(range(len(envs)))
-        semaphore = asyncio.Semaphore(self.concurrency)
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        try:
-            async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits, headers=headers) as client:
-
-                async def one(e: int, turn: int) -> dict[str, Any]:
-                    payload = self._payload(conversations[e], 1, max_tokens, temperature, top_p,
-                                            turn_seed(seeds[e], turn), envs[e].tools)  # fmt: skip
-                    async with semaphore:
-                        return await self._post(client, payload)
-
-                for turn in range(max_turns):
-                    if not active:
-                        break
-                    bodies = await asyncio.gather(*(one(e, turn) for e in active))
-                    actions = [_action(body, self.url) for body in bodies]
-                    results = step_envs([envs[e] for e in active], actions)
-                    still = []
-                    for e, action, result in zip(active, actions, results, strict=True):
-                        finish: FinishReason = "length" if action.truncated else "stop"
-                        turns[e].append(
-                            Turn(action.text, action.num_tokens, finish, result.reward, result.metrics, result.logs)
-                        )
-                        if result.episode_done or turn == max_turns - 1:
-                            envs[e].close()
-                        else:
-                            conversations[e] += [action.message, *result.next_messages]
-                            still.append(e)
-                    active = still
-        finally:
-            for env in envs:
-                env.close()
-        return turns
+        """Multi-turn episodes over the chat API (see the module docstring), in :func:`play`'s loop."""
+        driver = ChatDriver(self, envs, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seeds=seeds)
+        return [
+            [Turn(a.text, a.num_tokens, "length" if a.truncated else "stop", r.reward, r.metrics, r.logs)
+             for a, r in steps]
+            for steps in play(envs, driver, max_turns)
+        ]  # fmt: skip
 
     def _payload(
         self,
@@ -290,8 +243,59 @@ def _samples(body: dict[str, Any], n: int, url: str) -> list[Sample]:
     ]
 
 
-def _action(body: dict[str, Any], url: str, choice: dict[str, Any] | None = None) -> Action:
-    """A choice (default: the first) as an env action: content and the server's parsed tool calls."""
+class ChatDriver:
+    """:func:`play`'s replies from a chat API: every live episode's conversation is sent (with its
+    env's tools) at once, up to ``concurrency`` requests in flight."""
+
+    def __init__(
+        self,
+        backend: OpenAIBackend,
+        envs: Sequence[Env],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seeds: Sequence[int],
+    ):
+        self.backend, self.envs, self.seeds = backend, envs, seeds
+        self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
+        self.conversations = [env.initial_messages() for env in envs]
+
+    def can_continue(self, e: int) -> bool:
+        return True  # the server knows its context; an over-long request is its 400
+
+    def sample(self, episodes: Sequence[int], turn: int) -> list[Action]:
+        return _run_sync(self._turn(episodes, turn))
+
+    async def _turn(self, episodes: Sequence[int], turn: int) -> list[Action]:
+        b = self.backend
+        semaphore = asyncio.Semaphore(b.concurrency)
+        limits = httpx.Limits(max_connections=b.concurrency, max_keepalive_connections=b.concurrency)
+        headers = {"Authorization": f"Bearer {b.api_key}"} if b.api_key else {}
+        async with httpx.AsyncClient(timeout=b.timeout_s, limits=limits, headers=headers) as client:
+
+            async def one(e: int) -> Action:
+                payload = b._payload(self.conversations[e], 1, self.max_tokens, self.temperature, self.top_p,
+                                     turn_seed(self.seeds[e], turn), self.envs[e].tools)  # fmt: skip
+                async with semaphore:
+                    body = await b._post(client, payload)
+                return _action(body, b.url, tools=self.envs[e].tools)
+
+            return list(await asyncio.gather(*(one(e) for e in episodes)))
+
+    def extend(self, e: int, action: Action, result: StepResult) -> None:
+        # a result without a call id (an unreadable call) goes back as a user turn: the API needs the id
+        replies = [
+            m if m.role != "tool" or m.tool_call_id else Message("user", m.content) for m in result.next_messages
+        ]
+        self.conversations[e] += [action.message, *replies]
+
+
+def _action(
+    body: dict[str, Any], url: str, choice: dict[str, Any] | None = None, tools: Sequence[Tool] | None = None
+) -> Action:
+    """A choice (default: the first) as an env action: content and the server's parsed tool calls,
+    each checked against ``tools`` as the local parser checks them (None: only their shape)."""
     if choice is None:
         choices = body.get("choices")
         if not isinstance(choices, list) or not choices:
@@ -299,19 +303,15 @@ def _action(body: dict[str, Any], url: str, choice: dict[str, Any] | None = None
         choice = choices[0]
     calls, errors = [], []
     for k, raw in enumerate((choice.get("message") or {}).get("tool_calls") or []):
-        function = raw.get("function") if isinstance(raw, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            errors.append("a tool call without a function name")
-            continue
-        arguments = function.get("arguments") or "{}"
-        try:
-            valid = isinstance(json.loads(arguments), dict)
-        except (TypeError, ValueError):
-            valid = False
-        if not valid:
-            errors.append(f"the arguments of {function['name']} are not a JSON object")
-            continue
-        calls.append(ToolCall(function["name"], arguments, str(raw.get("id") or f"call_{k}")))
+        function = raw.get("function") if isinstance(raw, dict) else {}
+        function = function if isinstance(function, dict) else {}
+        checked = check_call(
+            function.get("name"), function.get("arguments") or "{}", tools, str(raw.get("id") or f"call_{k}")
+        )
+        if isinstance(checked, str):
+            errors.append(checked)
+        else:
+            calls.append(checked)
     text = _text(choice)
     tokens = _token_counts([choice], body.get("usage"))[0]
     message = Message("assistant", text.strip(), tool_calls=tuple(calls))

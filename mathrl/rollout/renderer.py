@@ -54,24 +54,32 @@ class Renderer:
         if tool_parser != "auto" and tool_parser not in FORMATS:
             raise ValueError(f"tool_parser: expected auto or one of {', '.join(FORMATS)}, got {tool_parser!r}")
         template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-        native = format_for_template(template)
-        self.format: ToolFormat = FORMATS[native if tool_parser == "auto" else tool_parser]
+        native = format_for_template(template)  # None: no tool support, or calls in another syntax
+        self.format: ToolFormat = FORMATS[(native or "hermes") if tool_parser == "auto" else tool_parser]
         # the template's own tool rendering, when it writes calls the way the model is asked to
-        self.native_tools = _renders_tools(tokenizer) and self.format.name == native
+        self.native_tools = native is not None and self.format.name == native and _renders_tools(tokenizer)
         self.eos_ids = _eos_ids(tokenizer)
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self.special_texts = sorted(
+            {*tokenizer.all_special_tokens, *(t.content for t in added.values() if getattr(t, "special", False))},
+            key=len,
+            reverse=True,
+        )
 
     # -- what the model reads ---------------------------------------------------------------
 
     def template_messages(self, messages: Sequence[Message], tools: Sequence[Tool]) -> list[dict[str, Any]]:
-        """The messages as the chat template receives them (see the module docstring)."""
-        if not tools or self.native_tools:
+        """The messages as the chat template receives them (see the module docstring): as they
+        are for a template with tool support, else with calls and results written out (and the
+        tools described in the system message when there are any)."""
+        if self.native_tools or (not tools and not any(m.role == "tool" or m.tool_calls for m in messages)):
             return [m.as_dict() for m in messages]
         out: list[dict[str, Any]] = []
-        description = self.format.describe(tools)
-        if not messages or messages[0].role != "system":
+        description = self.format.describe(tools) if tools else ""
+        if description and (not messages or messages[0].role != "system"):
             out.append({"role": "system", "content": description})
         for m in messages:
-            if m.role == "system" and not out:
+            if m.role == "system" and not out and description:
                 out.append({"role": "system", "content": f"{m.content}\n\n{description}"})
             elif m.role == "assistant" and m.tool_calls:
                 calls = "\n".join(self.format.format_call(c) for c in m.tool_calls)
@@ -117,19 +125,29 @@ class Renderer:
         turn = Message("assistant", _PLACEHOLDER, tool_calls=action.message.tool_calls)
         closed = self.render_text([*skeleton, Message("assistant", _PLACEHOLDER)], tools, False)
         closer = closed[closed.rindex(_PLACEHOLDER) + len(_PLACEHOLDER) :]  # e.g. "<|im_end|>\n"
-        before = self.render_text([*skeleton, turn], tools, False)
-        after = self.render_text([*skeleton, turn, *next_messages], tools, True)
-        if not after.startswith(before):
-            raise ValueError(
-                "the chat template renders a conversation differently once messages follow it; "
-                "mathrl cannot bridge turns for it (it renders the last assistant turn differently)"
-            )
-        ended = bool(completion.tokens_T) and completion.tokens_T[-1] in self.eos_ids
-        if ended:
+        following = [replace(m, content=self.defang(m.content)) for m in next_messages]
+        after = self.render_text([*skeleton, turn, *following], tools, True)
+        # after this turn's placeholder: its calls as the template writes them (the model wrote its
+        # own), the end of the turn, then what follows. Found in this one rendering, so a template
+        # that renders a last turn differently (Qwen3 adds an empty think block) changes nothing.
+        tail = after[after.rindex(_PLACEHOLDER) + len(_PLACEHOLDER) :]
+        end = tail.find(closer) if closer else -1
+        if end < 0:
+            raise ValueError("the chat template ends an assistant turn differently when messages follow it")
+        rest = closer  # what the sample did not write of the turn's end
+        if completion.tokens_T and completion.tokens_T[-1] in self.eos_ids:
             eos_text = self.tokenizer.convert_ids_to_tokens(completion.tokens_T[-1])
-            closer = closer[len(eos_text) :] if isinstance(eos_text, str) and closer.startswith(eos_text) else closer
-        text = closer + after[len(before) :]
+            rest = closer[len(eos_text) :] if isinstance(eos_text, str) and closer.startswith(eos_text) else closer
+        text = rest + tail[end + len(closer) :]
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def defang(self, text: str) -> str:
+        """``text`` with the tokenizer's special-token strings broken by a zero-width space, so
+        tool output cannot forge turn structure (``<|im_end|>`` in it stays text, not a token)."""
+        for special in self.special_texts:
+            if special and special in text:
+                text = text.replace(special, special[0] + "\u200b" + special[1:])
+        return text
 
     # -- what the model wrote ---------------------------------------------------------------
 

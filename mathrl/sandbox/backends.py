@@ -261,21 +261,24 @@ def _start(
     cwd: str | None = None,
     new_session: bool = False,
 ) -> Launched:
-    out_r, out_w = os.pipe()
+    opened: list[int] = []
     try:
+        out_r, out_w = os.pipe()
+        opened += [out_r, out_w]
         worker = Worker(
             argv, env=env if env is not None else {}, cwd=cwd, stdout=out_w, stderr=out_w, pass_fds=pass_fds,
             start_new_session=new_session,
         )  # fmt: skip
-    except BaseException:
-        os.close(out_r)
+    except BaseException:  # nothing started: undo what was made for it
+        for fd in opened:
+            os.close(fd)
         if group is not None:
             group.remove()
         raise
     finally:
-        os.close(out_w)
         for fd in pass_fds:
             os.close(fd)
+    os.close(out_w)
     os.set_blocking(out_r, False)
     return Launched(worker, out_r, cgroup=group, workdir=workdir, process_group=new_session)
 
@@ -325,7 +328,11 @@ def resolve(name: str) -> Backend:
         return BACKENDS[name]
     with _RESOLVE_LOCK:
         if "auto" not in _RESOLVED:
-            problem = probe(BACKENDS["bwrap"])
+            problem = probe(BACKENDS["bwrap"]) if shutil.which("bwrap") else "bwrap is not installed"
+            if problem and not problem.startswith(("bwrap", "bubblewrap")):
+                # bubblewrap is there and set up its sandbox, but the session failed for another
+                # reason (out of file descriptors, a slow start): not a reason to drop isolation
+                raise SandboxError(f"a bubblewrap test session failed: {problem}; retry, or choose sandbox=rlimit")
             chosen = BACKENDS["rlimit"] if problem else BACKENDS["bwrap"]
             _RESOLVED["auto"] = (chosen, problem)
             if problem:
@@ -345,13 +352,19 @@ def probe(backend: Backend, timeout: float = 30.0) -> str | None:
     except (SandboxError, OSError) as e:
         return str(e)
     try:
-        try:
-            if launched.worker.wait(time.monotonic() + timeout) == {"ready": True}:
-                return None
-        except (EOFError, OSError, workers.ProtocolError):
-            pass
-        launched.kill()
-        lines = read_all(launched.output_fd).decode(errors="replace").strip().splitlines()
-        return lines[-1] if lines else "the session did not start"
+        return wait_ready(launched, timeout)
     finally:
         launched.close()
+
+
+def wait_ready(launched: Launched, timeout: float) -> str | None:
+    """Wait for a started session's "ready"; None when it came, else why not (the last line the
+    session printed, e.g. bubblewrap's error), with the session killed."""
+    try:
+        if launched.worker.wait(time.monotonic() + timeout) == {"ready": True}:
+            return None
+    except (EOFError, OSError, workers.ProtocolError):
+        pass
+    launched.kill()
+    lines = read_all(launched.output_fd).decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else f"no answer within {timeout:g} s"

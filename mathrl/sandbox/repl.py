@@ -77,11 +77,12 @@ def main() -> None:
             return
         sys.stdout = sys.stderr = stream
         sys.stdin = sys.__stdin__  # /dev/null: input() sees end of file instead of hanging
-        error = _run_cell(request["code"], index, namespace, request["cpu_s"], request["wall_s"])
+        cell = request.pop("cell")
+        error = _run_cell(request.pop("code"), index, namespace, request["cpu_s"], request["wall_s"])
         with contextlib.suppress(Exception):
             sys.stdout.flush()
-        strays = _kill_strays(pidns)
-        write_message(replies, {"error": error, "strays": strays, "threads": _thread_count() - baseline_threads})
+        _kill_strays(pidns)
+        write_message(replies, {"cell": cell, "error": error, "threads": _thread_count() - baseline_threads})
 
 
 def _set_limits(config: dict) -> None:
@@ -170,27 +171,24 @@ def _print_exception(e: BaseException) -> None:
     print(f"{type(e).__name__}")
 
 
-def _kill_strays(pidns: bool) -> bool:
-    """Kill every process the cell left (daemons included); True if there were any."""
-    found = False
+def _kill_strays(pidns: bool) -> None:
+    """Kill every process the cell left (daemons included)."""
     for _ in range(1000):
         if pidns:
             try:
                 os.kill(-1, signal.SIGKILL)  # in our PID namespace: all but init and ourselves
             except ProcessLookupError:
-                return found
+                return
         else:
             _reap()
             below = descendants(os.getpid())
             if not below:
-                return found
+                return
             for pid in below:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        found = True
         _reap()
         time.sleep(0.001)
-    return found
 
 
 def _reap() -> None:

@@ -10,7 +10,12 @@ kernel, which fail with EPERM (bubblewrap loads the program with ``--seccomp FD`
 - the kernel: ``kexec_*``, ``*_module``, ``bpf``, ``perf_event_open``, ``userfaultfd``,
   ``io_uring_*``, ``keyctl``/``add_key``/``request_key``, ``reboot``, ``swapon/off``,
   ``open_by_handle_at``;
-- the network: ``socket`` and ``socketpair`` of any family but AF_UNIX (EAFNOSUPPORT).
+- the network: ``socket`` and ``socketpair`` of any family but AF_UNIX (EAFNOSUPPORT);
+- file metadata: ``chmod``/``chown``/``utime``/``*xattr`` and their variants. The writable
+  places of a session are its own tmpfs and the device nodes bound from the host; as root the
+  session's uid maps to host root, so without this rule it could chmod the host's
+  ``/dev/null`` (measured: ``os.chmod``/``os.utime`` on it succeeded). Code in a session
+  cannot change a file's mode either (``shutil.copy``'s mode copy fails).
 
 System calls of another architecture (32-bit ``int 0x80`` on x86-64) kill the process:
 libseccomp's default for a foreign architecture. The filter is built once per process;
@@ -43,6 +48,9 @@ DENIED = (
     "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
     "keyctl", "add_key", "request_key", "reboot", "swapon", "swapoff", "open_by_handle_at",
     "name_to_handle_at", "acct", "quotactl", "syslog", "lookup_dcookie", "vhangup",
+    "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat", "utime", "utimes",
+    "utimensat", "futimesat", "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
+    "mknod", "mknodat",
 )  # fmt: skip
 """System calls that fail with EPERM inside a session."""
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 import resource
+import secrets
 import signal
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from mathrl.sandbox.backends import DEFAULT_PACKAGES, Backend, Launched, SandboxError, read_all, resolve
+from mathrl.sandbox.backends import DEFAULT_PACKAGES, Backend, Launched, SandboxError, resolve, wait_ready
 from mathrl.sandbox.output import OutputCap
 from mathrl.sandbox.types import ErrorKind, ExecResult, SandboxLimits
-from mathrl.workers import ProtocolError, raise_open_files_limit, ready
+from mathrl.workers import ProtocolError, Worker, raise_open_files_limit, ready
 
 GRACE_S = 1.0
 """Past ``wall_s`` the session gets this long to stop the cell itself before it is killed."""
@@ -44,7 +45,7 @@ class Sandbox:
         self.packages = tuple(packages)
         self._launched: Launched | None = None
         self._ready = False
-        self._started_once = False
+        self._cells = 0
 
     @property
     def isolation(self) -> str:
@@ -63,7 +64,6 @@ class Sandbox:
         if self._launched is None:
             self._launched = self.backend.launch(self.limits, self.packages)
             self._ready = False
-            self._started_once = True
 
     def close(self) -> None:
         """Kill the session and everything it started; remove its cgroup and files."""
@@ -76,25 +76,26 @@ class Sandbox:
         if not isinstance(code, str):
             raise TypeError(f"Sandbox.run takes a str of code, not {type(code).__name__}")
         began = time.monotonic()
-        lost = False
+        notes = []
         launched = self._launched
         if launched is not None and launched.worker.proc.poll() is not None:
             self.close()  # died between runs
-            lost = True
+            notes.append(f"[the session had ended since the last run; {LOST}]")
         try:
             launched = self._ensure_ready()
         except SandboxError as e:
             self.close()
-            return ExecResult(f"the sandbox could not start: {e}", "sandbox", lost, time.monotonic() - began)
+            return ExecResult(f"the sandbox could not start: {e}", "sandbox", bool(notes), time.monotonic() - began)
         cap = OutputCap(self.limits.max_output_chars, max(1 << 20, FLOOD_FACTOR * self.limits.max_output_chars))
         error, note = self._exchange(launched, code, cap)
         if note is not None:
             self.close()
-            lost = True
-        output = cap.text(reserve=len(note) + 1 if note else 0)
-        if note:
-            output = f"{output}\n{note}" if output else note
-        return ExecResult(output, error, lost, time.monotonic() - began)
+            notes.append(note)
+        text = "\n".join(notes)
+        output = cap.text(reserve=len(text) + 1 if text else 0)
+        if text:
+            output = f"{output}\n{text}" if output else text
+        return ExecResult(output, error, bool(notes), time.monotonic() - began)
 
     def _ensure_ready(self) -> Launched:
         self.start()
@@ -102,14 +103,9 @@ class Sandbox:
         assert launched is not None
         if self._ready:
             return launched
-        try:
-            reply = launched.worker.wait(time.monotonic() + START_TIMEOUT_S)
-        except (EOFError, OSError, ProtocolError):
-            reply = None
-        if reply != {"ready": True}:
-            launched.kill()
-            lines = read_all(launched.output_fd).decode(errors="replace").strip().splitlines()
-            raise SandboxError(lines[-1] if lines else f"no answer within {START_TIMEOUT_S:g} s")
+        problem = wait_ready(launched, START_TIMEOUT_S)
+        if problem is not None:
+            raise SandboxError(problem)
         _cap_address_space(launched, self.limits.memory_mb << 20)
         if launched.cgroup is not None:
             launched.baseline_tasks = launched.cgroup.task_count()
@@ -123,8 +119,10 @@ class Sandbox:
         deadline = time.monotonic() + limits.wall_s + GRACE_S
         worker, out = launched.worker, launched.output_fd
         oom_before = launched.cgroup.oom_kills() if launched.cgroup is not None else 0
+        self._cells += 1
+        cell = f"{self._cells}-{secrets.token_hex(8)}"  # the reply must name it: a forged or stale one does not
         try:
-            worker.send({"code": code, "cpu_s": limits.cpu_s, "wall_s": limits.wall_s}, deadline)
+            worker.send({"code": code, "cpu_s": limits.cpu_s, "wall_s": limits.wall_s, "cell": cell}, deadline)
         except TimeoutError:
             return "timeout", f"[the session did not take the code within {limits.wall_s:g} s; {LOST}]"
         except EOFError:
@@ -153,6 +151,8 @@ class Sandbox:
                     return self._died(launched, cap, oom_before)
                 except ProtocolError:
                     return "sandbox", f"[the session broke its reply protocol; {LOST}]"
+                if len(messages) > 1:
+                    return "sandbox", f"[the session sent more than one reply; {LOST}]"
                 reply = messages[0] if messages else None
         _pump(out, cap)  # the cell flushed and its processes are dead: what they wrote is in the pipe
         if cap.flooded:
@@ -160,10 +160,10 @@ class Sandbox:
                 "output_limit",
                 f"[the run wrote more than {cap.flood_bytes} bytes of output and was stopped; {LOST}]",
             )
-        error: ErrorKind | None = reply.get("error") if isinstance(reply, dict) else "sandbox"
-        if error not in (None, "syntax", "runtime", "timeout", "memory") or not isinstance(reply, dict):
+        if not _well_formed(reply, cell) or _pending(worker):
             return "sandbox", f"[the session sent a malformed reply; {LOST}]"
-        if reply.get("threads", 0) > 0:
+        error: ErrorKind | None = reply["error"]
+        if reply["threads"] > 0:
             return error, f"[the run left {reply['threads']} thread(s) running; {LOST}]"
         group = launched.cgroup
         if group is not None and launched.baseline_tasks is not None and group.task_count() > launched.baseline_tasks:
@@ -186,6 +186,24 @@ class Sandbox:
 
     def __repr__(self) -> str:
         return f"Sandbox({self.limits!r}, isolation={self.isolation!r})"
+
+
+def _well_formed(reply: object, cell: str) -> bool:
+    """A reply to this cell: its id, an error kind the session may report, a thread count."""
+    return (
+        isinstance(reply, dict)
+        and reply.get("cell") == cell
+        and reply.get("error") in (None, "syntax", "runtime", "timeout", "memory")
+        and type(reply.get("threads")) is int
+    )
+
+
+def _pending(worker: Worker) -> bool:
+    """Whether more was written to the reply pipe after the reply (a cell writing its own)."""
+    try:
+        return bool(worker.receive(max_bytes=1 << 16)) or bool(worker.decoder.buffer)
+    except (EOFError, ProtocolError):
+        return True
 
 
 def _cap_address_space(launched: Launched, memory_bytes: int) -> None:

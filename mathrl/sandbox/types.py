@@ -18,7 +18,7 @@ class SandboxLimits:
         session kept (code stuck in one long C call, or that ignores SIGXCPU, is stopped at
         ``wall_s`` instead).
     wall_s: wall-clock seconds per run; past it the run is interrupted (session kept) and,
-        if it does not stop within half a second, its whole session is killed and restarted.
+        if it does not stop within a second, its whole session is killed and restarted.
     memory_mb: memory the code may allocate, per process (address space over what the
         interpreter maps at start) and, with a cgroup, for the whole session.
     max_procs: processes and threads the session may have at once (cgroup, or RLIMIT_NPROC
@@ -39,8 +39,10 @@ class SandboxLimits:
     def __post_init__(self) -> None:
         for name in ("cpu_s", "wall_s", "memory_mb", "max_procs", "max_file_mb", "tmp_mb", "max_output_chars"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"SandboxLimits.{name} must be a positive number, got {value!r}")
+            kind = int | float if name in ("cpu_s", "wall_s") else int
+            if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
+                what = "number" if name in ("cpu_s", "wall_s") else "integer"
+                raise ValueError(f"SandboxLimits.{name} must be a positive {what}, got {value!r}")
         if self.max_output_chars < 100:
             raise ValueError(f"SandboxLimits.max_output_chars must be at least 100, got {self.max_output_chars}")
 

@@ -139,15 +139,18 @@ class ToolFormat:
 _EXAMPLE_VALUES = {"code": "print(2 + 3)"}
 
 
-def _checked(name: Any, arguments: Any, tools: Sequence[Tool]) -> ToolCall | str:
-    """A call to a known tool with its required arguments, or what is wrong with it."""
-    known = {t.name: t for t in tools}
+def _checked(name: Any, arguments: Any, tools: Sequence[Tool] | None) -> ToolCall | str:
+    """A call to a known tool with its required arguments, or what is wrong with it
+    (``tools=None``: any name, arguments only checked to be an object)."""
     if not isinstance(name, str) or not name:
         return 'the call has no tool "name"'
-    if name not in known:
-        return f"unknown tool {name!r}; the tools are: {', '.join(known)}"
     if not isinstance(arguments, dict):
         return f'the "arguments" of {name} must be an object, got {type(arguments).__name__}'
+    if tools is None:
+        return ToolCall(name, json.dumps(arguments, ensure_ascii=False))
+    known = {t.name: t for t in tools}
+    if name not in known:
+        return f"unknown tool {name!r}; the tools are: {', '.join(known)}"
     missing = [p for p in known[name].required if p not in arguments]
     if missing:
         return f"{name} needs the argument(s) {', '.join(missing)}"
@@ -172,13 +175,7 @@ class HermesFormat(ToolFormat):
             return f"the call is not valid JSON ({e})"
         if not isinstance(value, dict):
             return 'the call must be a JSON object with "name" and "arguments"'
-        arguments = value.get("arguments", {})
-        if isinstance(arguments, str):  # some models send the arguments as a JSON string
-            try:
-                arguments = json.loads(arguments, strict=False)
-            except ValueError:
-                return "the arguments are a string that is not a JSON object"
-        return _checked(value.get("name"), arguments, tools)
+        return check_call(value.get("name"), value.get("arguments", {}), tools)  # arguments: object or its text
 
 
 _FUNCTION = re.compile(r"^\s*<function=([^>\s]+)>(.*)</function>\s*$", re.S)
@@ -259,6 +256,24 @@ PARSER_CHOICES = ("auto", *FORMATS)
 """Values of ``tool_parser=``: ``auto`` is the format the model's chat template writes, else hermes."""
 
 
-def format_for_template(template: str | None) -> str:
-    """The format a chat template renders calls in: qwen3_coder when it writes ``<function=``."""
-    return "qwen3_coder" if template and "<function=" in template else "hermes"
+def check_call(name: Any, arguments: Any, tools: Sequence[Tool] | None, call_id: str = "") -> ToolCall | str:
+    """A call (from any source: a parsed reply, an API's ``tool_calls``) to one of ``tools``, or
+    what is wrong with it. ``arguments``: a mapping, or its JSON text."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments, strict=False)
+        except ValueError:
+            return f"the arguments of {name} are not a JSON object"
+    checked = _checked(name, arguments, tools)
+    return checked if isinstance(checked, str) else ToolCall(checked.name, checked.arguments, call_id)
+
+
+def format_for_template(template: str | None) -> str | None:
+    """The format a chat template writes calls in: qwen3_coder (``<function=``), hermes
+    (``<tool_call>``), or None (no tool support, or a syntax mathrl does not parse, such as
+    Llama 3's or Mistral's: such models get the tools in the prompted form)."""
+    if template and "<function=" in template:
+        return "qwen3_coder"
+    if template and "<tool_call>" in template:
+        return "hermes"
+    return None

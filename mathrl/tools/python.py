@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from mathrl.sandbox import ERROR_KINDS as SANDBOX_ERRORS
 from mathrl.sandbox import ExecResult, Sandbox, SandboxLimits
 from mathrl.tools.formats import Tool
 from mathrl.types import Message, ToolCall
@@ -28,7 +29,7 @@ PYTHON = Tool(
         "required": ["code"],
     },
 )
-ERROR_KINDS = ("parse", "syntax", "runtime", "timeout", "memory", "output_limit", "sandbox")
+ERROR_KINDS = ("parse", *SANDBOX_ERRORS)
 """What a tool error can be: a call that could not be parsed, or the sandbox's error kinds."""
 
 

@@ -47,7 +47,7 @@ from mathrl.plots import plot_metrics
 from mathrl.rl.advantages import group_advantages, is_constant
 from mathrl.rl.batching import Batch, Datum, action_logprobs, collate, trajectory_datums
 from mathrl.rl.losses import AGGREGATIONS, LOSSES, kl_k3
-from mathrl.rollout.backend import LocalBackend
+from mathrl.rollout.backend import LocalBackend, context_length
 from mathrl.rollout.metrics import group_metrics
 from mathrl.rollout.renderer import Renderer
 from mathrl.rollout.runner import run_groups
@@ -241,8 +241,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         t0 = time.time()
         groups = run_groups(
             dataset.get_batch(step), cfg.group_size, sampler, renderer,
-            max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-            seed=_step_seed(cfg.seed, step, "train"), max_turns=cfg.max_turns,
+            max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=_step_seed(cfg.seed, step, "train"),
+            max_turns=cfg.max_turns, max_context=context_length(sampler_model),
         )  # fmt: skip
         metrics |= group_metrics(groups)
         metrics["time/sample"] = time.time() - t0
