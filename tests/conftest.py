@@ -18,3 +18,14 @@ def tiny_model() -> LlamaForCausalLM:
     with torch.no_grad():  # larger logits than the default init so greedy choices are not near-ties
         model.lm_head.weight.mul_(20)
     return model
+
+
+# Fixtures that load the embedded model's weights (not just its tokenizer): a test using one is
+# marked ``slow``, so ``pytest -m "not slow"`` is the quick loop.
+REAL_MODEL_FIXTURES = {"local", "server", "tool_server", "reference", "direct", "uninterrupted"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

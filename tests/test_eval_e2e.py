@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-pytestmark = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not beside the checkout")
+pytestmark = [
+    pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not beside the checkout"),
+    pytest.mark.slow,  # every test runs the embedded model
+]
 
 
 def _mathrl(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -195,6 +195,7 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_cli_sft_lowers_held_out_nll_and_writes_a_run(tmp_path):
     data = _arith_traces(tmp_path / "traces.jsonl", 16)
     run = tmp_path / "run"
@@ -218,6 +219,7 @@ def test_cli_sft_lowers_held_out_nll_and_writes_a_run(tmp_path):
     assert (run / "plot.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_checkpoint_with_the_same_data(tmp_path):
     data = _arith_traces(tmp_path / "traces.jsonl", 14)
     cfg = SFTConfig(
@@ -260,6 +262,7 @@ def _greedy_texts(model_name: str, cfg) -> dict[str, str]:
     return {r["id"]: r["samples"][0]["text"] for r in rows}
 
 
+@pytest.mark.slow
 def test_train_starts_from_the_sft_weights_merged_or_continued(tmp_path):
     from mathrl.models import load_for_inference
     from mathrl.train.rl import TrainConfig, train

@@ -102,6 +102,7 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 5
 
 
+@pytest.mark.slow
 def test_full_finetuning_of_a_local_hf_directory(tmp_path):
     # The embedded model's converted cache is an ordinary local HF directory. A random tiny
     # model would never write a digit, so every reward would be 0 and no gradient would flow.

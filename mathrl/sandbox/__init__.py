@@ -27,7 +27,8 @@ isolates, in plain words:
   user for one more layer.
 - **Environment**: empty but for PATH, HOME, TMPDIR, LANG and thread-count variables.
 - **Kernel surface**: seccomp refuses ptrace, mount, unshare/setns, new namespaces via
-  clone, kexec, modules, bpf, perf, userfaultfd, io_uring, keyrings (:mod:`.seccomp`).
+  clone, kexec, modules, bpf, perf, userfaultfd, io_uring, keyrings, and file-metadata
+  changes (chmod, chown, utime, xattrs: the host's device nodes are bound in) (:mod:`.seccomp`).
 - **Resources**: CPU seconds (RLIMIT_CPU, per run), file size (RLIMIT_FSIZE), address
   space (RLIMIT_AS over what the interpreter maps at start), open files; memory and
   process count of the whole session by a cgroup (v1 or v2); the wall-clock deadline is
@@ -39,7 +40,10 @@ sandbox; use a VM for hostile code), CPU time of other sessions (many sessions s
 cores; the per-run limits bound each), and the files that are mounted (readable: they are
 public system files). Without writable cgroups (a non-root user, most often), memory is
 capped per process only and processes by RLIMIT_NPROC; as root without cgroups, the
-process count is not capped at all (``isolation`` then lacks ``cgroup``).
+process count is not capped at all (``isolation`` then lacks ``cgroup``), and threads a run
+leaves behind are noticed only when Python's ``threading`` started them. The code runs in the
+session's own interpreter, so it can read that interpreter's memory and write to its reply
+pipe: a reply that is not the one expected (each names its cell) ends the session.
 
 Fallback backend ``rlimit`` (where bubblewrap or user namespaces are missing, e.g. a Mac
 or a locked-down container): a subprocess with the same rlimits, a scrubbed environment,
