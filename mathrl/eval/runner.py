@@ -101,57 +101,18 @@ def evaluate(
             continue
         t0 = time.time()
         if chunk[0].make_env is not None:
-            for item, episodes in zip(chunk, _episodes(backend, chunk, settings), strict=True):
-                row = {
-                    "id": item.id,
-                    "reference": item.reference,
-                    "correct": [s["correct"] for s in episodes],
-                    "votes": vote_keys([s["answer"] for s in episodes]),
-                    "samples": episodes,
-                    "seconds": round((time.time() - t0) / len(chunk), 3),
-                }
-                done[item.id] = row
-                if out_path is not None:
-                    append_jsonl(out_path, row)
-            if on_chunk is not None:
-                on_chunk(sum(item.id in done for item in items), len(items))
-            continue
-        samples = backend.generate(
-            [item.messages for item in chunk],
-            n=settings.n,
-            max_tokens=settings.max_tokens,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            seeds=[problem_seed(settings.seed, item.id) for item in chunk],
-        )
-        flat = [(item, s) for item, outs in zip(chunk, samples, strict=True) for s in outs]
-        graded = iter(
-            grade_batch(
-                [s.text for _, s in flat],
-                [item.reference for item, _ in flat],
-                style=[item.style for item, _ in flat],
-                timeout=grading_timeout,
-            )
-        )
-        for item, outs in zip(chunk, samples, strict=True):
-            grades = [next(graded) for _ in outs]
+            per_item = _episodes(backend, chunk, settings)
+        else:
+            per_item = _generated(backend, chunk, settings, grading_timeout)
+        seconds = round((time.time() - t0) / len(chunk), 3)
+        for item, samples in zip(chunk, per_item, strict=True):
             row = {
                 "id": item.id,
                 "reference": item.reference,
-                "correct": [g.correct for g in grades],
-                "votes": vote_keys([g.answer for g in grades]),
-                "samples": [
-                    {
-                        "text": s.text,
-                        "answer": g.answer,
-                        "correct": g.correct,
-                        "tokens": s.num_tokens,
-                        "finish_reason": s.finish_reason,
-                        "grader_timeout": g.timed_out,
-                    }
-                    for s, g in zip(outs, grades, strict=True)
-                ],
-                "seconds": round((time.time() - t0) / len(chunk), 3),
+                "correct": [s["correct"] for s in samples],
+                "votes": vote_keys([s["answer"] for s in samples]),
+                "samples": samples,
+                "seconds": seconds,
             }
             done[item.id] = row
             if out_path is not None:
@@ -159,6 +120,43 @@ def evaluate(
         if on_chunk is not None:
             on_chunk(sum(item.id in done for item in items), len(items))
     return [done[item.id] for item in items]
+
+
+def _generated(
+    backend: ChatBackend, chunk: Sequence[EvalItem], settings: GenSettings, grading_timeout: float
+) -> list[list[dict[str, Any]]]:
+    """``settings.n`` single-turn replies per item, graded in one call, as sample dicts."""
+    samples = backend.generate(
+        [item.messages for item in chunk],
+        n=settings.n,
+        max_tokens=settings.max_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        seeds=[problem_seed(settings.seed, item.id) for item in chunk],
+    )
+    flat = [(item, s) for item, outs in zip(chunk, samples, strict=True) for s in outs]
+    graded = iter(
+        grade_batch(
+            [s.text for _, s in flat],
+            [item.reference for item, _ in flat],
+            style=[item.style for item, _ in flat],
+            timeout=grading_timeout,
+        )
+    )
+    return [
+        [
+            {
+                "text": s.text,
+                "answer": g.answer,
+                "correct": g.correct,
+                "tokens": s.num_tokens,
+                "finish_reason": s.finish_reason,
+                "grader_timeout": g.timed_out,
+            }
+            for s, g in ((s, next(graded)) for s in outs)
+        ]
+        for outs in samples
+    ]
 
 
 def _episodes(backend: ChatBackend, chunk: Sequence[EvalItem], settings: GenSettings) -> list[list[dict[str, Any]]]:
