@@ -2,7 +2,9 @@
 
 The chat server runs the real embedded model in fp32: greedy replies must be identical served and
 direct, batched and unbatched (with bf16 they can differ with batch composition, see mathrl.serve).
-The retry tests use a tiny scripted ASGI server instead of the model.
+The retry tests use a tiny scripted ASGI server instead of the model. The vLLM-dialect tests
+(``/v1/completions`` with token ids, adapters, ``reload_weights``) compare what the server returns
+with the same TorchSampler, a locally merged adapter, or a local model given the same weights.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from mathrl.config import config_help, parse_config
 from mathrl.models import EMBEDDED_MODEL
 from mathrl.rollout.backend import LocalBackend, Sample
 from mathrl.rollout.openai_backend import OpenAIBackend, OpenAIBackendError
-from mathrl.serve import ServeConfig, make_app
-from mathrl.types import Message
+from mathrl.rollout.sampler import TorchSampler
+from mathrl.serve import ServeConfig, _is_loopback, make_app
+from mathrl.types import Completion, Message
 
 MODEL_ID = "mathrl-test"
 MAX_TOKENS = 24
@@ -57,15 +60,33 @@ def serving(app: Any, lifespan: Literal["on", "off"] = "on") -> Iterator[str]:
         sock.close()
 
 
+class CountingSampler:
+    """Wraps a TorchSampler and records each sample call's number of rows (the rest passes through)."""
+
+    def __init__(self, inner: TorchSampler):
+        self.inner = inner
+        self.calls: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def sample(self, prompts: Sequence[Sequence[int]], **kwargs: Any) -> list[Completion]:
+        self.calls.append(len(prompts))
+        return self.inner.sample(prompts, **kwargs)
+
+
 @dataclass
 class CountingBackend:
-    """Wraps a backend and records each generate call's (number of conversations, n, max_tokens)."""
+    """Wraps a backend and records each generate call's (number of conversations, n, max_tokens);
+    its sampler (what /v1/completions and adapters use) counts its calls too."""
 
     inner: LocalBackend
 
     def __post_init__(self) -> None:
         self.calls: list[tuple[int, int, int]] = []
         self.renderer = self.inner.renderer  # lets the server count prompt tokens
+        self.tokenizer = self.inner.tokenizer
+        self.sampler = CountingSampler(self.inner.sampler)  # type: ignore[arg-type]
 
     def generate(self, conversations: Sequence[Sequence[Message]], **kwargs: Any) -> list[list[Sample]]:
         self.calls.append((len(conversations), kwargs["n"], kwargs["max_tokens"]))
@@ -107,6 +128,10 @@ def server(local: LocalBackend) -> Iterator[tuple[str, CountingBackend]]:
 def test_config_defaults_and_help() -> None:
     cfg = parse_config(ServeConfig, [])
     assert cfg.model == EMBEDDED_MODEL and cfg.port == 8000 and cfg.host == "127.0.0.1"
+    assert cfg.max_loras == 4 and cfg.allow_weight_updates is None  # None: on for loopback hosts only
+    assert [_is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "10.0.0.2", "example.org")] == [
+        True, True, True, False, False, False
+    ]  # fmt: skip
     cfg = parse_config(ServeConfig, ["port=0", "dtype=bf16", "served_model_name=m"])
     assert (cfg.port, cfg.dtype, cfg.served_model_name) == (0, "bf16", "m")
     assert "max_tokens_limit" in config_help(ServeConfig, "mathrl serve")
@@ -451,3 +476,460 @@ def test_eval_over_an_endpoint_runs_the_tool_loop(tool_server: str) -> None:
         assert len(turns) == 2 and turns[0].metrics["num_tool_calls"] == 1  # a call, then the final reply
         assert turns[0].logs["tool_calls"][0]["error"] is None
         assert turns[-1].logs["answer"] is not None
+
+
+# --- /v1/completions with token ids (vLLM's dialect) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(local: LocalBackend) -> list[list[int]]:
+    """Each question rendered with the chat template: the token ids a trainer sends."""
+    return [local.renderer.initial_tokens(c, ()) for c in CONVERSATIONS]
+
+
+def _complete(url: str, prompt: Any, **fields: Any) -> dict[str, Any]:
+    response = httpx.post(f"{url}/v1/completions", json={"model": MODEL_ID, "prompt": prompt, **fields}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _text(local: LocalBackend, ids: Sequence[int]) -> str:
+    return local.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(0.0, 1.0), (1.0, 0.9)])
+def test_token_prompt_equals_the_sampler(
+    server: tuple[str, CountingBackend],
+    local: LocalBackend,
+    prompt_ids: list[list[int]],
+    temperature: float,
+    top_p: float,
+) -> None:
+    """Prompt ids in, the sampler's own tokens and logprobs out: sample j of seed s is stream s + j."""
+    url, _ = server
+    ids = prompt_ids[1]
+    body = _complete(
+        url, ids, n=2, max_tokens=12, temperature=temperature, top_p=top_p, seed=7, logprobs=0, return_token_ids=True
+    )
+    direct = local.sampler.sample(
+        [ids, ids], max_tokens=12, temperature=temperature, top_p=top_p, seed=0, row_seeds=[7, 8]
+    )
+    assert body["object"] == "text_completion" and body["model"] == MODEL_ID
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    for choice, c in zip(body["choices"], direct, strict=True):
+        assert choice["token_ids"] == list(c.tokens_T) and choice["prompt_token_ids"] == ids
+        logprobs = choice["logprobs"]
+        assert logprobs["token_logprobs"] == list(c.logprobs_T)  # exactly the sampler's (same call)
+        assert logprobs["tokens"] == [local.tokenizer.decode([t]) for t in c.tokens_T]
+        assert logprobs["top_logprobs"] == [{t: lp} for t, lp in zip(logprobs["tokens"], c.logprobs_T, strict=True)]
+        lengths = [len(t) for t in logprobs["tokens"]]
+        assert logprobs["text_offset"] == [sum(lengths[:i]) for i in range(len(lengths))]
+        assert choice["finish_reason"] == c.finish_reason and choice["stop_reason"] is None
+        assert choice["text"] == _text(local, c.tokens_T)
+    if temperature > 0:
+        assert body["choices"][0]["token_ids"] != body["choices"][1]["token_ids"]  # two streams, not one
+    assert body["usage"] == {
+        "prompt_tokens": len(ids),  # counted once per prompt, as vLLM counts it
+        "completion_tokens": sum(len(c.tokens_T) for c in direct),
+        "total_tokens": len(ids) + sum(len(c.tokens_T) for c in direct),
+    }
+
+
+def test_rows_do_not_depend_on_batching(server: tuple[str, CountingBackend], prompt_ids: list[list[int]]) -> None:
+    """Prompt i sample j of a request seeded s draws from s + i * n + j: one request with three prompts,
+    and three concurrent requests (batched into fewer sampler calls) seeded 11, 13, 15, agree."""
+    url, backend = server
+    fields = {"n": 2, "max_tokens": 10, "temperature": 1.0, "logprobs": 0, "return_token_ids": True}
+    together = _complete(url, prompt_ids, seed=11, **fields)["choices"]
+    assert [c["prompt_token_ids"] for c in together] == [p for p in prompt_ids for _ in range(2)]
+
+    async def fire() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            posts = [
+                client.post("/v1/completions", json={"model": MODEL_ID, "prompt": p, "seed": 11 + 2 * i, **fields})
+                for i, p in enumerate(prompt_ids)
+            ]
+            return [r.json() for r in await asyncio.gather(*posts)]
+
+    before = len(backend.sampler.calls)
+    apart = [c for body in asyncio.run(fire()) for c in body["choices"]]
+    assert len(backend.sampler.calls) - before < len(prompt_ids)  # the concurrent requests shared a call
+    assert [c["token_ids"] for c in apart] == [c["token_ids"] for c in together]
+    for a, b in zip(apart, together, strict=True):  # other batch shapes: equal up to fp32 rounding
+        assert a["logprobs"]["token_logprobs"] == pytest.approx(b["logprobs"]["token_logprobs"], abs=1e-4)
+
+
+def test_text_prompts_are_tokenized_without_a_template(
+    server: tuple[str, CountingBackend], local: LocalBackend
+) -> None:
+    url, _ = server
+    texts = ["What is 2 + 2? Answer:", "The sum of 3 and 4 is"]
+    ids = [local.tokenizer(t).input_ids for t in texts]
+    by_text = _complete(url, texts, max_tokens=4, temperature=0, return_token_ids=True)["choices"]
+    by_ids = _complete(url, ids, max_tokens=4, temperature=0, return_token_ids=True)["choices"]
+    assert [c["prompt_token_ids"] for c in by_text] == ids
+    assert [c["token_ids"] for c in by_text] == [c["token_ids"] for c in by_ids]
+    one = _complete(url, texts[0], max_tokens=4, temperature=0, return_token_ids=True)["choices"]
+    assert [c["token_ids"] for c in one] == [by_ids[0]["token_ids"]]
+
+
+def test_stop_strings_and_stop_tokens_end_rows_as_in_vllm(
+    server: tuple[str, CountingBackend], local: LocalBackend, prompt_ids: list[list[int]]
+) -> None:
+    """token_ids run to the token that completes the stop string (or the stop/EOS token, kept);
+    the text stops before the string, or after it with include_stop_str_in_output."""
+    url, _ = server
+    ids = prompt_ids[1]
+    reference = list(local.sampler.sample([ids], max_tokens=16, temperature=0, seed=0)[0].tokens_T)
+    full = _text(local, reference)
+    stop = full.split()[3]  # a word from the middle of the greedy reply
+    k = next(k for k in range(1, len(reference) + 1) if stop in _text(local, reference[:k]))
+    for include in (False, True):
+        (choice,) = _complete(
+            url, ids, max_tokens=16, temperature=0, stop=[stop, "never-there"], include_stop_str_in_output=include,
+            return_token_ids=True,
+        )["choices"]  # fmt: skip
+        assert choice["token_ids"] == reference[:k]
+        cut = full.index(stop) + (len(stop) if include else 0)
+        assert choice["text"] == full[:cut]
+        assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", stop)
+    stop_id = reference[3]
+    for include in (False, True):
+        (choice,) = _complete(
+            url, ids, max_tokens=16, temperature=0, stop_token_ids=[stop_id], include_stop_str_in_output=include,
+            return_token_ids=True, logprobs=0,
+        )["choices"]  # fmt: skip
+        first = reference.index(stop_id)
+        assert choice["token_ids"] == reference[: first + 1]  # the stop token is kept in the ids
+        assert choice["text"] == _text(local, reference[: first + 1 if include else first])
+        assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", stop_id)
+        assert len(choice["logprobs"]["token_logprobs"]) == first + 1
+
+
+def test_eos_is_kept_in_token_ids_and_left_out_of_text(
+    server: tuple[str, CountingBackend], local: LocalBackend
+) -> None:
+    url, _ = server
+    ids = local.renderer.initial_tokens([Message("user", "What is 1 + 1? Answer with the number only.")], ())
+    eos = local.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    (plain,) = _complete(url, ids, max_tokens=16, temperature=0, return_token_ids=True)["choices"]
+    assert plain["token_ids"][-1] == eos and plain["finish_reason"] == "stop" and plain["stop_reason"] is None
+    assert plain["text"] == _text(local, plain["token_ids"]) and "<|im_end|>" not in plain["text"]
+    (raw,) = _complete(
+        url, ids, max_tokens=16, temperature=0, skip_special_tokens=False, include_stop_str_in_output=True
+    )["choices"]
+    assert raw["text"] == plain["text"] + "<|im_end|>"
+
+
+def test_top_logprobs_are_the_sampled_distributions_best(
+    server: tuple[str, CountingBackend], prompt_ids: list[list[int]]
+) -> None:
+    """Greedy picks the argmax, so the best alternative at each position is the sampled token itself,
+    with the sampler's logprob: a position shifted by one in the extra forward pass would show."""
+    url, _ = server
+    (choice,) = _complete(url, prompt_ids[0], max_tokens=10, temperature=0, logprobs=3)["choices"]
+    logprobs = choice["logprobs"]
+    for token, lp, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True):
+        assert len(top) == 3 and next(iter(top)) == token and top[token] == lp
+        assert max(top.values()) == pytest.approx(lp, abs=1e-4)
+        assert sorted(top.values(), reverse=True) == list(top.values())
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "param"),
+    [
+        ({"model": "gpt-4"}, 404, "model"),
+        ({"prompt": []}, 400, "prompt"),
+        ({"prompt": [[1, 2], "text"]}, 400, "prompt"),
+        ({"prompt": [1, -2]}, 400, "prompt"),
+        ({"prompt": [10**6]}, 400, "prompt"),
+        ({"prompt": [1.5]}, 400, "prompt"),
+        ({"max_tokens": 65}, 400, "max_tokens"),
+        ({"n": 17}, 400, "n"),
+        ({"logprobs": 21}, 400, "logprobs"),
+        ({"logprobs": -1}, 400, "logprobs"),
+        ({"stop": [""]}, 400, "stop"),
+        ({"temperature": -0.5}, 400, "temperature"),
+        # implemented by vLLM, not here: refused, never silently ignored
+        ({"stream": True}, 400, "stream"),
+        ({"echo": True}, 400, "echo"),
+        ({"suffix": "x"}, 400, "suffix"),
+        ({"best_of": 2}, 400, "best_of"),
+        ({"logit_bias": {"5": 1.0}}, 400, "logit_bias"),
+        ({"presence_penalty": 0.1}, 400, "presence_penalty"),
+        ({"frequency_penalty": 0.1}, 400, "frequency_penalty"),
+        ({"repetition_penalty": 1.1}, 400, "repetition_penalty"),
+        ({"top_k": 5}, 400, "top_k"),
+        ({"min_p": 0.05}, 400, "min_p"),
+        ({"min_tokens": 2}, 400, "min_tokens"),
+        ({"ignore_eos": True}, 400, "ignore_eos"),
+        ({"use_beam_search": True}, 400, "use_beam_search"),
+        ({"prompt_logprobs": 1}, 400, "prompt_logprobs"),
+        ({"truncate_prompt_tokens": 4}, 400, "truncate_prompt_tokens"),
+        ({"response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({"guided_regex": "a+"}, 400, "guided_regex"),
+    ],
+)
+def test_completions_refuse_what_they_do_not_implement(
+    server: tuple[str, CountingBackend], prompt_ids: list[list[int]], fields: dict[str, Any], status: int, param: str
+) -> None:
+    url, backend = server
+    before = len(backend.sampler.calls)
+    body = {"model": MODEL_ID, "prompt": prompt_ids[0], "max_tokens": 4, **fields}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and param in error["message"]
+    if status == 404:
+        assert error["message"] == "The model `gpt-4` does not exist."  # vLLM's words
+    assert len(backend.sampler.calls) == before
+
+
+def test_the_openai_client_gets_token_ids(
+    server: tuple[str, CountingBackend], local: LocalBackend, prompt_ids: list[list[int]]
+) -> None:
+    from openai import OpenAI
+
+    url, _ = server
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
+    reference = local.sampler.sample([prompt_ids[2]], max_tokens=6, temperature=0, seed=0)[0]
+    result = client.completions.create(
+        model=MODEL_ID, prompt=prompt_ids[2], max_tokens=6, temperature=0, logprobs=0,
+        extra_body={"return_token_ids": True},
+    )  # fmt: skip
+    (choice,) = result.choices
+    assert choice.model_extra is not None and choice.model_extra["token_ids"] == list(reference.tokens_T)
+    assert choice.logprobs is not None and choice.logprobs.token_logprobs == list(reference.logprobs_T)
+    assert choice.text == _text(local, reference.tokens_T) and choice.finish_reason == reference.finish_reason
+    assert result.usage is not None and result.usage.completion_tokens == len(reference.tokens_T)
+
+
+# --- weight updates: LoRA adapters and reload_weights --------------------------------------------
+
+LORA_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+
+
+def _save_adapter(model: torch.nn.Module, path: Any, seed: int) -> Any:
+    """A LoRA r=4 adapter on a copy of ``model`` with lora_B drawn from ``seed`` (large enough to
+    change greedy replies), saved with save_pretrained."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    peft_model.save_pretrained(path)
+    return path
+
+
+def _merged_sampler(model: torch.nn.Module, adapter: Any, tokenizer: Any) -> TorchSampler:
+    """What the server should sample from: the adapter merged locally into a copy of ``model``."""
+    import copy
+
+    from peft import PeftModel
+
+    from mathrl.models import eos_token_ids
+
+    merged = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter)).merge_and_unload()
+    return TorchSampler(merged, eos_token_ids(tokenizer), int(tokenizer.pad_token_id), tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(local: LocalBackend, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return _save_adapter(local.sampler.model, tmp_path_factory.mktemp("adapter") / "a", seed=0)
+
+
+def _greedy(sampler: TorchSampler, prompts: list[list[int]], max_tokens: int = 12) -> list[list[int]]:
+    return [list(c.tokens_T) for c in sampler.sample(prompts, max_tokens=max_tokens, temperature=0, seed=0)]
+
+
+def _served_greedy(url: str, prompts: list[list[int]], model: str = MODEL_ID, max_tokens: int = 12) -> list[list[int]]:
+    body = _complete(url, prompts, model=model, max_tokens=max_tokens, temperature=0, return_token_ids=True)
+    assert body["model"] == model
+    return [c["token_ids"] for c in body["choices"]]
+
+
+def _post(url: str, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, timeout=120)
+
+
+def test_a_lora_adapter_is_loaded_sampled_and_unloaded(
+    server: tuple[str, CountingBackend], local: LocalBackend, prompt_ids: list[list[int]], adapter_dir: Any
+) -> None:
+    url, _ = server
+    base = _greedy(local.sampler, prompt_ids)
+    merged = _greedy(_merged_sampler(local.sampler.model, adapter_dir, local.tokenizer), prompt_ids)
+    assert merged != base  # the adapter changes the replies: the comparison below means something
+
+    async def load_while_sampling() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            body = {
+                "model": MODEL_ID,
+                "prompt": prompt_ids,
+                "max_tokens": 12,
+                "temperature": 0,
+                "return_token_ids": True,
+            }
+            load = {"lora_name": "a", "lora_path": str(adapter_dir)}
+            sampled, loaded = await asyncio.gather(
+                client.post("/v1/completions", json=body), client.post("/v1/load_lora_adapter", json=load)
+            )
+            return sampled, loaded
+
+    try:
+        sampled, loaded = asyncio.run(load_while_sampling())
+        assert (loaded.status_code, loaded.text) == (200, "Success: LoRA adapter 'a' added successfully.")
+        assert [c["token_ids"] for c in sampled.json()["choices"]] == base  # not disturbed by the load
+        cards = {m["id"]: m for m in httpx.get(f"{url}/v1/models").json()["data"]}
+        assert cards["a"]["parent"] == MODEL_ID and cards["a"]["root"] == str(adapter_dir)
+        assert cards[MODEL_ID]["parent"] is None
+        assert _served_greedy(url, prompt_ids, model="a") == merged
+        assert _served_greedy(url, prompt_ids) == base  # the base model is untouched
+        chat_body = {**_request(QUESTIONS[0], max_tokens=12, temperature=0), "model": "a"}
+        chat = httpx.post(f"{url}/v1/chat/completions", json=chat_body, timeout=120)
+        assert chat.json()["choices"][0]["message"]["content"] == _text(local, merged[0])
+        again = _post(url, "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": str(adapter_dir)})
+        assert again.status_code == 400 and "already been loaded" in again.json()["error"]["message"]
+        inplace = {"lora_name": "a", "lora_path": str(adapter_dir), "load_inplace": True}
+        assert _post(url, "/v1/load_lora_adapter", inplace).status_code == 200
+    finally:
+        unloaded = _post(url, "/v1/unload_lora_adapter", {"lora_name": "a"})
+    assert (unloaded.status_code, unloaded.text) == (200, "Success: LoRA adapter 'a' removed successfully.")
+    gone = httpx.post(f"{url}/v1/completions", json={"model": "a", "prompt": prompt_ids[0]}, timeout=30)
+    assert gone.status_code == 404 and gone.json()["error"]["message"] == "The model `a` does not exist."
+    missing = _post(url, "/v1/unload_lora_adapter", {"lora_name": "a"})
+    assert missing.status_code == 404 and missing.json()["error"]["message"] == "The lora adapter 'a' cannot be found."
+    assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == [MODEL_ID]
+
+
+@pytest.fixture(scope="module")
+def bad_adapters(
+    adapter_dir: Any, tiny_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """Adapter directories that must not load, by what is wrong with them."""
+    root = tmp_path_factory.mktemp("bad")
+    config = (adapter_dir / "adapter_config.json").read_text()
+    weights = (adapter_dir / "adapter_model.safetensors").read_bytes()
+    (root / "no_config").mkdir()
+    (root / "no_config" / "model.safetensors").write_bytes(weights)
+    (root / "no_weights").mkdir()
+    (root / "no_weights" / "adapter_config.json").write_text(config)
+    (root / "truncated").mkdir()
+    (root / "truncated" / "adapter_config.json").write_text(config)
+    (root / "truncated" / "adapter_model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (root / "bad_json").mkdir()
+    (root / "bad_json" / "adapter_config.json").write_text(config[: len(config) // 2])
+    (root / "bad_json" / "adapter_model.safetensors").write_bytes(weights)
+    (root / "a_file").write_text("not a directory")
+    return {
+        "missing": (root / "missing", "does not exist"),
+        "a_file": (root / "a_file", "is not a directory"),
+        "no_config": (root / "no_config", "no adapter_config.json"),
+        "no_weights": (root / "no_weights", "no adapter_model.safetensors"),
+        "truncated": (root / "truncated", "unreadable adapter_model.safetensors"),
+        "bad_json": (root / "bad_json", "unreadable adapter_config.json"),
+        "other_architecture": (_save_adapter(tiny_model, root / "tiny", seed=1), "does not fit the served model"),
+    }
+
+
+@pytest.mark.parametrize(
+    "kind", ["missing", "a_file", "no_config", "no_weights", "truncated", "bad_json", "other_architecture"]
+)
+def test_a_bad_adapter_is_a_400_and_the_server_goes_on(
+    server: tuple[str, CountingBackend], bad_adapters: dict[str, Any], prompt_ids: list[list[int]], kind: str
+) -> None:
+    url, _ = server
+    path, what = bad_adapters[kind]
+    response = _post(url, "/v1/load_lora_adapter", {"lora_name": kind, "lora_path": str(path)})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "lora_path" and str(path) in error["message"] and what in error["message"]
+    assert "\n" not in error["message"]
+    assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == [MODEL_ID]
+    assert len(_served_greedy(url, prompt_ids[:1], max_tokens=2)[0]) == 2  # still serving
+
+
+def test_max_loras_caps_the_adapters(local: LocalBackend, adapter_dir: Any) -> None:
+    with serving(make_app(local, MODEL_ID, max_loras=1)) as url:
+        assert _post(url, "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": str(adapter_dir)}).status_code == 200
+        second = _post(url, "/v1/load_lora_adapter", {"lora_name": "b", "lora_path": str(adapter_dir)})
+        assert second.status_code == 400 and second.json()["error"]["param"] == "max_loras"
+        assert "unload one" in second.json()["error"]["message"]
+        assert _post(url, "/v1/unload_lora_adapter", {"lora_name": "a"}).status_code == 200
+        assert _post(url, "/v1/load_lora_adapter", {"lora_name": "b", "lora_path": str(adapter_dir)}).status_code == 200
+
+
+def test_reload_weights_replaces_the_base_and_remerges_adapters(
+    local: LocalBackend, prompt_ids: list[list[int]], adapter_dir: Any, tmp_path: Any
+) -> None:
+    """Full weights pushed as a trainer pushes them (save_pretrained, bf16) replace the served ones in
+    place: replies then equal a local model given the same weights, and a loaded adapter is merged
+    again onto them; a bad push changes nothing."""
+    import copy
+
+    prompt_ids = prompt_ids[1:]
+
+    model = copy.deepcopy(local.sampler.model)  # this server's own weights: the shared fixture stays as it is
+    generator = torch.Generator().manual_seed(3)
+    state = {
+        k: (v + 0.02 * torch.randn(v.shape, generator=generator) if ".mlp." in k else v).to(torch.bfloat16)
+        for k, v in model.state_dict().items()
+    }
+    model.save_pretrained(tmp_path / "new", state_dict=state)
+    updated = copy.deepcopy(local.sampler.model)
+    updated.load_state_dict({k: v.float() for k, v in state.items()})
+    from mathrl.models import eos_token_ids
+
+    tokenizer = local.tokenizer
+    expected = _greedy(TorchSampler(updated, eos_token_ids(tokenizer), int(tokenizer.pad_token_id)), prompt_ids)
+    expected_adapter = _greedy(_merged_sampler(updated, adapter_dir, tokenizer), prompt_ids)
+    before = _greedy(local.sampler, prompt_ids)
+    assert expected != before
+    from safetensors.torch import save_file
+
+    (tmp_path / "wrong_shape").mkdir()
+    save_file({"model.norm.weight": torch.zeros(3)}, tmp_path / "wrong_shape" / "model.safetensors")
+    (tmp_path / "partial").mkdir()
+    save_file({"model.norm.weight": state["model.norm.weight"]}, tmp_path / "partial" / "model.safetensors")
+
+    with serving(make_app(LocalBackend(model, tokenizer), MODEL_ID)) as url:
+        assert _post(url, "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": str(adapter_dir)}).status_code == 200
+        assert _served_greedy(url, prompt_ids) == before
+        rpc = {"method": "reload_weights", "kwargs": {"weights_path": str(tmp_path / "new")}}
+        response = _post(url, "/collective_rpc", rpc)
+        assert (response.status_code, response.json()) == (200, {"results": [None]})
+        assert _post(url, "/reset_prefix_cache", {}).json() == {"success": True}
+        assert _served_greedy(url, prompt_ids) == expected
+        assert _served_greedy(url, prompt_ids, model="a") == expected_adapter  # not the adapter on the old base
+        for bad, param, words in [
+            ({"weights_path": str(tmp_path / "wrong_shape")}, "kwargs.weights_path", "'model.norm.weight' in"),
+            ({"weights_path": str(tmp_path / "partial")}, "kwargs.weights_path", "lacks"),
+            ({"weights_path": str(tmp_path / "nowhere")}, "kwargs.weights_path", "not a directory"),
+            ({}, "kwargs.weights_path", "weights_path"),
+            ({"weights_path": str(tmp_path / "new"), "strict": True}, "kwargs.strict", "kwargs.strict"),
+        ]:
+            response = _post(url, "/collective_rpc", {"method": "reload_weights", "kwargs": bad})
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["param"] == param and words in response.json()["error"]["message"]
+        response = _post(url, "/collective_rpc", {"method": "sleep", "kwargs": {}})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "method"
+        assert _served_greedy(url, prompt_ids) == expected  # the refused pushes changed nothing
+
+
+def test_weight_updates_can_be_off() -> None:
+    """Beyond loopback the endpoints that change weights answer 403 unless allowed; the rest work."""
+    with serving(make_app(FailingBackend(), MODEL_ID, weight_updates=False)) as url:
+        for path, body in [
+            ("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "/tmp"}),
+            ("/v1/unload_lora_adapter", {"lora_name": "a"}),
+            ("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": "/tmp"}}),
+        ]:
+            response = _post(url, path, body)
+            assert response.status_code == 403 and "allow_weight_updates" in response.json()["error"]["message"]
+        assert _post(url, "/reset_prefix_cache", {}).json() == {"success": True}
+        # a backend without a token sampler: completions are refused, not failed
+        assert _post(url, "/v1/completions", {"model": MODEL_ID, "prompt": [1, 2]}).status_code == 501
