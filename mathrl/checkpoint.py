@@ -40,15 +40,22 @@ def save_checkpoint(
     tokenizer: Any,
     trainer_state: dict[str, Any],
     final: bool = False,
+    keep_tmp: bool = False,
 ) -> Path:
-    """Write ``checkpoints/step_{step:06d}`` atomically and list it in checkpoints.jsonl."""
+    """Write ``checkpoints/step_{step:06d}`` atomically and list it in checkpoints.jsonl.
+    ``keep_tmp``: the temporary directory already holds files of this checkpoint (FSDP2's
+    per-rank optimizer shards); the weights are then read from the (gathered) parameters."""
     target = log_path / "checkpoints" / f"step_{step:06d}"
     tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if not keep_tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    # Parameters as registered now: under FSDP2's unshard they are whole, where state_dict()
+    # would return the shards.
+    state = {n: p.detach() for n, p in policy.named_parameters()} if keep_tmp else None
     with warnings.catch_warnings():  # peft looks for a config.json at an adapter's base: absent when that
         warnings.filterwarnings("ignore", message="Could not find a config file")  # base is an SFT adapter
-        policy.save_pretrained(tmp)  # type: ignore[operator]
+        policy.save_pretrained(tmp, state_dict=state)  # type: ignore[operator]
     tokenizer.save_pretrained(tmp)
     torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
     if target.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -120,6 +121,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_allocator()
     try:
         command(args[1:])
+    except RuntimeError as e:
+        if not _lost_a_rank(e):
+            raise
+        print(
+            f"mathrl {args[0]}: error: rank {os.environ.get('RANK')} lost contact with another rank, which died or "
+            "was killed (torchrun's report names it); rerun the same command to resume from the last checkpoint",
+            file=sys.stderr,
+        )
+        return 1
     except (ConfigError, ValueError, FileNotFoundError) as e:
         # User mistakes end with one line; ValueError subclasses from deeper down are bugs: traceback.
         if isinstance(e, ValueError) and type(e) not in (ValueError, ConfigError):
@@ -127,6 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mathrl {args[0]}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _lost_a_rank(error: RuntimeError) -> bool:
+    """A collective failed because a peer process went away (under torchrun)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    text = str(error)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "NCCL", "timed out"))
 
 
 if __name__ == "__main__":

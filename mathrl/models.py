@@ -126,11 +126,43 @@ def wrap_lora(model: PreTrainedModel, rank: int, alpha: int | None = None, autoc
     return policy
 
 
+def unwrap(policy: torch.nn.Module) -> torch.nn.Module:
+    """The policy under the trainer's wrappers: DDP's ``.module``, the action scorer's ``.policy``."""
+    while True:
+        inner = getattr(policy, "module", None) or getattr(policy, "policy", None)
+        if not isinstance(inner, torch.nn.Module):
+            return policy
+        policy = inner
+
+
 def base_of(policy: torch.nn.Module) -> PreTrainedModel:
-    """The transformers model under a (possibly) peft-wrapped policy."""
+    """The transformers model under a (possibly) peft-wrapped, DDP-wrapped policy."""
     from peft import PeftModel
 
+    policy = unwrap(policy)
     return policy.get_base_model() if isinstance(policy, PeftModel) else policy  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def trained_weights(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What training can change, named as the plain transformers model's parameters: each
+    LoRA-adapted weight with its adapters merged in, or (full fine-tuning) every parameter.
+
+    Under FSDP2 call it inside :func:`mathrl.parallel.full_weights`, which gathers the shards.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    base = base_of(policy)
+    lora_modules = [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]
+    if not lora_modules:
+        return {name: param for name, param in base.named_parameters()}
+    merged: dict[str, torch.Tensor] = {}
+    for name, module in lora_modules:
+        weight = module.get_base_layer().weight
+        for adapter in module.active_adapters:
+            weight = weight + module.get_delta_weight(adapter)  # type: ignore[attr-defined]
+        merged[f"{name}.weight"] = weight  # type: ignore[assignment]
+    return merged
 
 
 @torch.no_grad()
@@ -140,22 +172,10 @@ def sync_weights(policy: torch.nn.Module, sampler_model: PreTrainedModel) -> Non
     Sampling with merged low-precision weights avoids the per-layer dtype casts and
     the extra adapter matmuls at decode shapes. Only what training can change is copied.
     """
-    from peft.tuners.lora import LoraLayer
-
-    base = base_of(policy)
-    lora_modules = [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]
-    if not lora_modules:
-        target = dict(sampler_model.named_parameters())
-        for name, param in base.named_parameters():
-            if name in target:
-                target[name].copy_(param)
-        return
-    for name, module in lora_modules:
-        weight = module.get_base_layer().weight
-        for adapter in module.active_adapters:
-            weight = weight + module.get_delta_weight(adapter)  # type: ignore[attr-defined]
-        target_weight: torch.Tensor = sampler_model.get_submodule(name).weight  # type: ignore[assignment]
-        target_weight.copy_(weight)  # type: ignore[arg-type]
+    target = dict(sampler_model.named_parameters())
+    for name, weight in trained_weights(policy).items():
+        if name in target:
+            target[name].copy_(weight)
 
 
 def load_merged(model_name: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

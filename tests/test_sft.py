@@ -17,6 +17,7 @@ import torch
 
 from mathrl.config import ConfigError
 from mathrl.models import EMBEDDED_MODEL, eos_token_ids, load_tokenizer
+from mathrl.rl.batching import ActionScorer
 from mathrl.train.sft import (
     Example,
     SFTConfig,
@@ -164,7 +165,14 @@ def test_gradient_accumulation_gives_the_same_update_as_one_batch(tiny_model):
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         out = train_step(
-            model, optimizer, examples, lr=1.0, grad_accum_steps=accum, pad_id=0, bf16=False, max_grad_norm=0.0
+            ActionScorer(model),
+            optimizer,
+            examples,
+            lr=1.0,
+            grad_accum_steps=accum,
+            pad_id=0,
+            bf16=False,
+            max_grad_norm=0.0,
         )
         delta = {k: v - before[k] for k, v in model.state_dict().items()}
         results.append((out, delta))

@@ -80,15 +80,19 @@ class Batch:
 
     def slice(self, start: int, stop: int) -> Batch:
         """Sequences ``start:stop`` with just the prefixes they use."""
-        used_U, index_B = torch.unique(self.prefix_index_B[start:stop], return_inverse=True)
+        return self.select(list(range(start, stop)))
+
+    def select(self, rows: list[int]) -> Batch:
+        """Sequences ``rows`` (in that order) with just the prefixes they use, padding trimmed."""
+        ix = torch.tensor(rows, dtype=torch.long)
+        used_U, index_B = torch.unique(self.prefix_index_B[ix], return_inverse=True)
         # padding only as wide as these rows need
-        width = int(self.attention_mask_BT[start:stop].sum(-1).max())
+        width = int(self.attention_mask_BT[ix].sum(-1).max())
         skip = int((self.prefix_mask_PL[used_U].sum(0) == 0).long().cumprod(0).sum())
         return Batch(
             self.prefix_ids_PL[used_U, skip:], self.prefix_mask_PL[used_U, skip:], index_B,
-            self.input_ids_BT[start:stop, :width], self.attention_mask_BT[start:stop, :width],
-            self.action_mask_BT[start:stop, :width], self.sample_logprobs_BT[start:stop, :width],
-            self.advantages_B[start:stop],
+            self.input_ids_BT[ix, :width], self.attention_mask_BT[ix, :width],
+            self.action_mask_BT[ix, :width], self.sample_logprobs_BT[ix, :width], self.advantages_B[ix],
         )  # fmt: skip
 
     def micro_batches(self, max_tokens: int) -> list[tuple[int, int]]:
@@ -116,13 +120,15 @@ class Batch:
         return Batch(*(t.to(device) for t in vars(self).values()))
 
 
-def collate(datums: Sequence[Datum], pad_token_id: int) -> Batch:
-    """Pad datums into a Batch, sharing identical prefixes (see ``Batch``)."""
+def collate(datums: Sequence[Datum], pad_token_id: int, share_prefix: bool = True) -> Batch:
+    """Pad datums into a Batch, sharing identical prefixes (see ``Batch``); without
+    ``share_prefix`` every sequence is one suffix (gradient checkpointing cannot keep the
+    prefix's key/value cache, and SFT sequences rarely share one)."""
     prefixes: dict[tuple[int, ...], int] = {}
     index, suffixes = [], []
     for d in datums:
         first_action = next((t for t, a in enumerate(d.action_mask_T) if a), len(d.tokens_T))
-        cut = max(first_action - 1, 0)
+        cut = max(first_action - 1, 0) if share_prefix else 0
         index.append(prefixes.setdefault(d.tokens_T[:cut], len(prefixes)))
         suffixes.append((d.tokens_T[cut:], d.action_mask_T[cut:], d.sample_logprobs_T[cut:]))
     width = max(len(p) for p in prefixes)
@@ -147,6 +153,32 @@ def collate(datums: Sequence[Datum], pad_token_id: int) -> Batch:
     act[:, 0] = 0.0  # the suffix's first token is predicted by the prefix: never an action here
     advantages = torch.tensor([d.advantage for d in datums])
     return Batch(prefix_ids, prefix_mask, torch.tensor(index), ids, attn, act, slp, advantages)
+
+
+class ActionScorer(torch.nn.Module):
+    """The policy's :func:`action_logprobs` as a module's forward.
+
+    Data-parallel wrappers act through ``forward``: DDP prepares its gradient reduction there,
+    FSDP2 gathers the root's parameters (embeddings, final norm, LM head) around it. The
+    trainer wraps this module, never the policy's inner parts, and calls it.
+    """
+
+    def __init__(self, policy: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(
+        self, *tensors: torch.Tensor, temperature: float = 1.0, entropy: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return action_logprobs(self.policy, Batch(*tensors), temperature, entropy=entropy)
+
+
+def score(
+    scorer: torch.nn.Module, batch: Batch, temperature: float = 1.0, entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp_BT, entropy_BT) of ``batch``'s actions through ``scorer`` (an :class:`ActionScorer`,
+    possibly wrapped in DDP or sharded by FSDP2)."""
+    return scorer(*vars(batch).values(), temperature=temperature, entropy=entropy)  # type: ignore[no-any-return]
 
 
 def action_logprobs(

@@ -21,7 +21,7 @@ from mathrl.envs.base import Env
 from mathrl.models import eos_token_ids, load_for_inference
 from mathrl.rollout.renderer import Renderer
 from mathrl.rollout.runner import run_episodes
-from mathrl.rollout.sampler import TorchSampler
+from mathrl.rollout.sampler import Sampler, TorchSampler
 from mathrl.tools.formats import Tool
 from mathrl.types import FinishReason, Message, ToolCall
 
@@ -96,12 +96,17 @@ class LocalBackend:
         tokenizer: PreTrainedTokenizerBase,
         max_batch: int = 256,
         tool_parser: str = "auto",
+        sampler: Sampler | None = None,
     ):
+        """Generation with ``model`` in this process, or through ``sampler`` (e.g. the trainer's
+        :class:`~mathrl.rollout.remote.RemoteSampler`) when given, with ``model`` only naming
+        the context length."""
         self.tokenizer = tokenizer
         self.renderer = Renderer(tokenizer, tool_parser)
-        self.sampler = TorchSampler(
+        self.sampler: Sampler = sampler or TorchSampler(
             model, eos_token_ids(tokenizer), int(tokenizer.pad_token_id), max_batch=max_batch, tokenizer=tokenizer
         )
+        self.max_context = context_length(model)
 
     @classmethod
     def load(
@@ -157,7 +162,7 @@ class LocalBackend:
     ) -> list[list[Turn]]:
         trajectories = run_episodes(
             envs, self.sampler, self.renderer, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            row_seeds=seeds, max_turns=max_turns, max_context=context_length(self.sampler.model),
+            row_seeds=seeds, max_turns=max_turns, max_context=self.max_context,
         )  # fmt: skip
         return [
             [

@@ -192,14 +192,19 @@ class OpenAIBackend:
                     call["function"]["arguments"] = json.dumps(call["function"]["arguments"])
         return payload
 
-    async def _post(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> dict[str, Any]:
-        """POST with retries on connection errors, timeouts, 429 and 5xx; the response body as a dict."""
+    async def _post(
+        self, client: httpx.AsyncClient, payload: dict[str, Any], url: str = "", json_reply: bool = True
+    ) -> dict[str, Any]:
+        """POST (to ``url``, default the chat endpoint) with retries on connection errors, timeouts,
+        429 and 5xx; the response body as a dict (``{}`` when ``json_reply`` is False: vLLM answers
+        its admin endpoints in plain text)."""
+        url = url or self.url
         last_error, last_status, retry_after = "", None, None
         for attempt in range(self.max_retries + 1):
             if attempt:
                 await asyncio.sleep(self._delay(attempt, retry_after))
             try:
-                response = await client.post(self.url, json=payload)
+                response = await client.post(url, json=payload)
             except httpx.TransportError as e:  # connection refused/reset, timeouts, protocol errors
                 last_error, last_status, retry_after = f"{type(e).__name__}: {e}", None, None
                 continue
@@ -210,11 +215,11 @@ class OpenAIBackend:
                 continue
             if status >= 400:
                 raise OpenAIBackendError(
-                    f"POST {self.url} -> HTTP {status}: {_server_message(response)}{self._hint(status)}", status
+                    f"POST {url} -> HTTP {status}: {_server_message(response)}{self._hint(status)}", status
                 )
-            return _json_body(response, self.url)
+            return _json_body(response, url) if json_reply else {}
         raise OpenAIBackendError(
-            f"POST {self.url} failed after {self.max_retries + 1} attempts; last error: {last_error}", last_status
+            f"POST {url} failed after {self.max_retries + 1} attempts; last error: {last_error}", last_status
         )
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:

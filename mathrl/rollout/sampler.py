@@ -19,6 +19,7 @@ at temperature 0 (greedy) they are the temperature-1 logprobs of the chosen toke
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -29,6 +30,15 @@ from mathrl.types import Completion
 
 
 class Sampler(Protocol):
+    """Token prompts in; sampled tokens, their logprobs and why each ended out; new weights in.
+
+    Identical prompts in one call are one prompt sampled ``n`` times (prefilled once, sent
+    once with ``n`` to a server). ``version`` is the weights version that samples now: the
+    trainer tags every group with it to bound staleness (:mod:`mathrl.train.rl`).
+    """
+
+    version: int
+
     def sample(
         self,
         prompts: Sequence[Sequence[int]],
@@ -40,6 +50,11 @@ class Sampler(Protocol):
         row_seeds: Sequence[int] | None = None,
         stop: Sequence[str] = (),
     ) -> list[Completion]: ...
+
+    def update_weights(self, policy: torch.nn.Module, version: int) -> None:
+        """Sample from ``policy``'s current weights from now on, as ``version``. Called on
+        every rank (FSDP2 gathers its shards for it); only rank 0's sampler generates."""
+        ...
 
 
 class TorchSampler:
@@ -58,6 +73,16 @@ class TorchSampler:
         self.pad_token_id = pad_token_id
         self.max_batch = max_batch
         self.tokenizer = tokenizer  # decodes row tails for stop strings
+        self.version = 0
+        self._lock = threading.Lock()  # a weight update never lands in the middle of a sample call
+
+    def update_weights(self, policy: torch.nn.Module, version: int) -> None:
+        """Copy the policy's weights (LoRA merged) into this sampler's model."""
+        from mathrl.models import sync_weights
+
+        with self._lock:
+            sync_weights(policy, self.model)
+            self.version = version
 
     def sample(
         self,
@@ -78,6 +103,19 @@ class TorchSampler:
             raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {len(prompts)} prompts")
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need the sampler's tokenizer (TorchSampler(..., tokenizer=...))")
+        with self._lock:
+            return self._sample(prompts, max_tokens, temperature, seed, top_p, row_seeds, tuple(stop))
+
+    def _sample(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int,
+        temperature: float,
+        seed: int,
+        top_p: float,
+        row_seeds: Sequence[int] | None,
+        stop: tuple[str, ...],
+    ) -> list[Completion]:
         generator = torch.Generator().manual_seed(seed)
         results: list[Completion | None] = [None] * len(prompts)
         # Group identical prompts so each is prefilled once; chunk to bound memory.
@@ -100,7 +138,7 @@ class TorchSampler:
                 if row_seeds is not None
                 else None
             )
-            outs = self._sample_chunk(chunk, max_tokens, temperature, top_p, rows or generator, tuple(stop))
+            outs = self._sample_chunk(chunk, max_tokens, temperature, top_p, rows or generator, stop)
             for (_, ix), comps in zip(chunk, outs, strict=True):
                 for i, c in zip(ix, comps, strict=True):
                     results[i] = c

@@ -23,9 +23,9 @@ import itertools
 import json
 import math
 import os
-import random
 import resource
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -35,25 +35,29 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from mathrl.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint, set_rng_state
-from mathrl.config import ConfigError, config_from_dict, config_to_dict, diff_configs, option
+from mathrl import parallel
+from mathrl.checkpoint import latest_checkpoint, load_weights
+from mathrl.config import ConfigError, option
 from mathrl.envs.base import GroupBuilder, SingleTurnBuilder
 from mathrl.envs.registry import make_dataset
 from mathrl.eval.metrics import summarize, test_metrics
 from mathrl.eval.runner import EvalItem, GenSettings, to_results
 from mathrl.eval.runner import evaluate as run_eval_items
-from mathrl.models import EMBEDDED_MODEL, eos_token_ids, load_model, load_tokenizer, sync_weights, wrap_lora
+from mathrl.models import EMBEDDED_MODEL, base_of, eos_token_ids, load_model, load_tokenizer
+from mathrl.parallel import World
 from mathrl.plots import plot_metrics
 from mathrl.rl.advantages import group_advantages, is_constant
-from mathrl.rl.batching import Batch, Datum, action_logprobs, collate, trajectory_datums
+from mathrl.rl.batching import ActionScorer, Batch, Datum, action_logprobs, collate, score, trajectory_datums
 from mathrl.rl.losses import AGGREGATIONS, LOSSES, kl_k3
 from mathrl.rollout.backend import LocalBackend, context_length
 from mathrl.rollout.metrics import group_metrics
 from mathrl.rollout.renderer import Renderer
 from mathrl.rollout.runner import run_groups
-from mathrl.rollout.sampler import TorchSampler
+from mathrl.rollout.sampler import Sampler, TorchSampler
 from mathrl.tools.formats import PARSER_CHOICES
-from mathrl.tracking import MetricsLogger, ProgressBar, atomic_write_text, keep_rows, write_jsonl
+from mathrl.tracking import ProgressBar, write_jsonl
+from mathrl.train.run import Run, make_optimizer, make_policy, restore_optimizer, restore_weights, start_run
+from mathrl.train.run import save as checkpoint
 from mathrl.types import TrajectoryGroup
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -117,6 +121,41 @@ class TrainConfig:
     sample_dtype: Literal["bfloat16", "float32"] = field(default="bfloat16", metadata=option("Sampler weights dtype."))
     device: str | None = field(default=None, metadata=option("cpu, cuda, ... (default: cuda if available)."))
     num_threads: int | None = field(default=None, metadata=option("torch CPU threads (default: all cores)."))
+    sampler: str = field(
+        default="local",
+        metadata=option(
+            "Who generates: local (in this process) or remote (an OpenAI-compatible server at base_url that takes "
+            "token-id prompts and weight updates: vLLM or mathrl serve).",
+            choices=("local", "remote"),
+        ),
+    )
+    base_url: str = field(default="", metadata=option("sampler=remote: the server, e.g. http://127.0.0.1:8000/v1."))
+    api_model: str = field(
+        default="", metadata=option("sampler=remote: the served base model's name (it must serve model_name).")
+    )
+    max_off_policy_steps: int = field(
+        default=0,
+        metadata=option(
+            "0: sample each batch with the latest weights (synchronous); N: sampling runs up to N steps ahead of "
+            "training, overlapping it; groups sampled by weights older than N updates are dropped.",
+            min=0,
+        ),
+    )
+    is_cap: float | None = field(
+        default=None,
+        metadata=option(
+            "Truncate the token-level importance weight pi_train/pi_sampler at this value (0 = off; "
+            "default: off when synchronous, 2.0 when max_off_policy_steps > 0).",
+            min=0,
+        ),
+    )
+    parallel: str = field(
+        default="ddp",
+        metadata=option("Under torchrun: ddp (replicated weights) or fsdp (FSDP2, sharded).", choices=("ddp", "fsdp")),
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata=option("Recompute activations in the backward (less memory, ~30% more compute).")
+    )
     save_rollouts: bool = field(default=True, metadata=option("Write sampled rollouts per step to rollouts/."))
     load_checkpoint_path: str | None = field(
         default=None,
@@ -149,71 +188,69 @@ _RESUMABLE_CHANGES = {
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Run (or resume) GRPO; return the run directory."""
-    log_path = Path(cfg.log_path or f"runs/{cfg.env}-{datetime.now():%Y%m%d-%H%M%S}")
-    cfg = replace(cfg, log_path=str(log_path))
+    _check_sampler(cfg)
     start = _starting_checkpoint(cfg)
     cfg = replace(cfg, load_checkpoint_path=str(start) if start else None)  # config.json: what was loaded
-    log_path.mkdir(parents=True, exist_ok=True)
-    checkpoint = _check_resume(cfg, log_path)
     dataset, env_options = make_dataset(cfg.env, cfg.env_args, cfg.groups_per_batch, cfg.seed)
     resolved = {"sandbox": _sandbox_isolation(env_options)} if hasattr(env_options, "sandbox") else {}
-    atomic_write_text(log_path / "config.json", json.dumps({**config_to_dict(cfg), **resolved}, indent=2) + "\n")
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    _seed_everything(cfg.seed)
+    cfg, run = start_run(cfg, f"runs/{cfg.env}-{datetime.now():%Y%m%d-%H%M%S}", _RESUMABLE_CHANGES, resolved)
+    world, device, log_path = run.world, run.device, run.log_path
 
     # --- model, sampler, data -------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model_name)
     renderer = Renderer(tokenizer, cfg.tool_parser)
-    # With LoRA the base is frozen and, under bf16 autocast, only ever used in bf16: store it so
-    # (autocast would cast every fp32 weight at every use). Adapters stay fp32 (peft's default).
-    frozen_bf16 = bool(cfg.lora_rank) and cfg.train_bf16
-    base_model = _load_base(cfg, start, torch.bfloat16 if frozen_bf16 else torch.float32)
+    policy, _ = make_policy(
+        lambda dtype: _load_base(cfg, start, dtype), lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+        train_bf16=cfg.train_bf16, parallel_mode=cfg.parallel, world=world, seed=cfg.seed,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )  # fmt: skip
     ref_model = (
         _load_base(cfg, start).eval().requires_grad_(False) if cfg.kl_penalty_coef and not cfg.lora_rank else None
     )
-    torch.manual_seed(cfg.seed)  # LoRA init draws random numbers: seed first (TRL #6688)
-    policy = wrap_lora(base_model, cfg.lora_rank, cfg.lora_alpha, autocast=frozen_bf16)
     if start is not None and _is_adapter(start) and cfg.load_checkpoint_mode == "continue":
         load_weights(policy, start, cfg.lora_rank)  # the same adapter keeps training
     elif start is not None and cfg.lora_rank:  # new adapters over the loaded weights: say so for loaders
         policy.peft_config["default"].base_model_name_or_path = str(start)  # type: ignore[index, operator, union-attr]
-    if checkpoint is not None:
-        load_weights(policy, checkpoint, cfg.lora_rank)
+    start_step = restore_weights(run, policy, cfg.lora_rank)
     policy.to(device).train()
-    # No requires_grad_(False) here: measured on torch 2.13 CPU, bf16 decoding with frozen
-    # parameters ran 5x slower and peaked at 12 GB. inference_mode already skips autograd.
-    sampler_model = _load_base(cfg, start, getattr(torch, cfg.sample_dtype))
-    sampler_model.to(device)  # type: ignore[arg-type]
-    sync_weights(policy, sampler_model)
-    sampler = TorchSampler(sampler_model, eos_token_ids(tokenizer), tokenizer.pad_token_id, tokenizer=tokenizer)
+    # The trainer calls the scorer (wrapped in DDP or sharded by FSDP2 under torchrun), never the
+    # policy's inner modules. No requires_grad_(False) on the sampler's model: measured on torch
+    # 2.13 CPU, bf16 decoding with frozen parameters ran 5x slower and peaked at 12 GB.
+    scorer = parallel.wrap(ActionScorer(policy), cfg.parallel, world, device)
+    sampler = _make_sampler(cfg, run, start, tokenizer, device) if world.main else None
     if ref_model is not None:
         ref_model.to(device)
+    optimizer, scheduler = make_optimizer(scorer, cfg, max(cfg.max_steps * cfg.num_substeps, 1))
+    restore_optimizer(run, optimizer, scheduler, cfg.num_substeps)
 
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    total_updates = max(cfg.max_steps * cfg.num_substeps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: 1.0 if cfg.lr_schedule == "constant" else max(0.0, 1 - i / total_updates)
-    )
-    start_step = 0
-    if checkpoint is not None:
-        state = load_trainer_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start_step = state["step"]
-    logger = MetricsLogger(log_path)
-    keep_rows(logger.path, lambda r: r["step"] < start_step)  # rows after the checkpoint are redone
-    keep_rows(log_path / "checkpoints.jsonl", lambda r: r["step"] <= start_step)
+    def push_weights(version: int) -> None:
+        """The sampler samples from the current weights from now on (every rank enters: FSDP2 gathers)."""
+        with parallel.full_weights(scorer):
+            if sampler is not None:
+                sampler.update_weights(policy, version)
+
+    # The weights version: how many updates made them (a resumed run counts from its step). Each
+    # sampled batch carries the version it was sampled with; staleness is the difference.
+    version = start_step
+    push_weights(version)
+    logger = run.logger(start_step)
+    if run.checkpoint is not None and world.main:
+        print(f"resuming {log_path} from its checkpoint at step {start_step} ({run.checkpoint.name})")
 
     test_items = [_eval_item(i, b) for i, b in enumerate(dataset.test_builders())]
-    eval_backend = LocalBackend(sampler_model, tokenizer, tool_parser=cfg.tool_parser)  # the sampler's weights
+    if world.main:
+        print(_memory_line(cfg, base_of(policy).config, renderer, test_items, world))
+    eval_backend = (
+        LocalBackend(base_of(policy), tokenizer,
+                     tool_parser=cfg.tool_parser, sampler=sampler)
+        if sampler is not None else None
+    )  # fmt: skip
+    max_context = context_length(base_of(policy))
 
     def evaluate(step: int) -> dict[str, float]:
         """Test metrics with mathrl eval's code (pass@1 with its 95% interval, pass@k, maj@k,
-        and the tool metrics of multi-turn envs)."""
+        and the tool metrics of multi-turn envs), on the sampler's current weights."""
+        assert eval_backend is not None
         t0 = time.time()
         seed = _step_seed(cfg.seed, step, "eval")
         items = test_items
@@ -223,72 +260,170 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                               chunk_size=64 if episodes else len(items))  # fmt: skip
         return {**test_metrics(summarize("test", to_results(rows))), "time/eval": time.time() - t0}
 
-    def save(step: int, final: bool = False) -> None:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        save_checkpoint(log_path, step, policy, tokenizer, state, final=final)
-
-    bar = ProgressBar("train", cfg.max_steps, start_step, progress, "test/env/all/correct", "test correct",
-                      _bar_summary, digits=3)  # fmt: skip
-    run_start = time.time()
-    # --- the loop -------------------------------------------------------------------------
-    for step in range(start_step, cfg.max_steps):
-        t_step = time.time()
-        metrics: dict[str, float] = {}
-        if cfg.eval_every and step % cfg.eval_every == 0:
-            metrics |= evaluate(step)
-
-        # 1. sample group_size completions for each problem, graded by the env
-        t0 = time.time()
+    def generate(step: int) -> Sampled:
+        """Step ``step``'s groups, tagged with the weights version current when sampling began."""
+        assert sampler is not None
+        version, t0 = sampler.version, time.time()
         groups = run_groups(
             dataset.get_batch(step), cfg.group_size, sampler, renderer,
             max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=_step_seed(cfg.seed, step, "train"),
-            max_turns=cfg.max_turns, max_context=context_length(sampler_model),
+            max_turns=cfg.max_turns, max_context=max_context,
         )  # fmt: skip
-        metrics |= group_metrics(groups)
-        metrics["time/sample"] = time.time() - t0
+        return Sampled(groups, version, time.time() - t0)
 
-        # 2. advantages within each group -> training sequences
-        datums = _datums(groups, cfg)
-        metrics["optim/num_sequences"] = len(datums)
+    # Sampling runs ahead of training by up to max_off_policy_steps batches, in one thread.
+    ahead = ThreadPoolExecutor(1, thread_name_prefix="sampling") if cfg.max_off_policy_steps and world.main else None
+    pending: dict[int, Future[Sampled]] = {}
+    bar = ProgressBar("train", cfg.max_steps, start_step, progress and world.main, "test/env/all/correct",
+                      "test correct", _bar_summary, digits=3)  # fmt: skip
+    run_start = time.time()
+    try:
+        # --- the loop ---------------------------------------------------------------------
+        for step in range(start_step, cfg.max_steps):
+            t_step = time.time()
+            metrics: dict[str, float] = {}
+            datums: list[Datum] = []
+            groups: list[TrajectoryGroup] = []
+            if world.main:
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    metrics |= evaluate(step)
 
-        # 3. policy-gradient update(s), then refresh the sampler's weights
-        t0 = time.time()
-        if datums:
-            metrics |= _update(
-                policy, ref_model, optimizer, scheduler, collate(datums, tokenizer.pad_token_id), cfg, device
-            )
-            sync_weights(policy, sampler_model)
-        else:
-            for _ in range(cfg.num_substeps):
-                scheduler.step()
-        metrics["time/train"] = time.time() - t0
+                # 1. sample group_size completions for each problem, graded by the env
+                t0 = time.time()
+                if ahead is not None:
+                    for s in range(step, min(step + cfg.max_off_policy_steps + 1, cfg.max_steps)):
+                        if s not in pending:
+                            pending[s] = ahead.submit(generate, s)
+                    sampled = pending.pop(step).result()
+                else:
+                    sampled = generate(step)
+                groups = sampled.groups
+                metrics |= group_metrics(groups)
+                metrics["time/sample"] = sampled.seconds
+                metrics["time/wait_for_samples"] = time.time() - t0
+                # 2. groups sampled by too old weights are dropped; advantages -> training sequences
+                staleness = version - sampled.version
+                metrics["optim/staleness_mean"] = float(staleness)
+                metrics["optim/groups_dropped_stale"] = (
+                    float(len(groups)) if staleness > cfg.max_off_policy_steps else 0.0
+                )
+                datums = _datums(groups, cfg) if staleness <= cfg.max_off_policy_steps else []
+                metrics["optim/num_sequences"] = len(datums)
+            datums = parallel.broadcast(datums, world)
 
-        # 4. log, keep rollouts, checkpoint
-        if cfg.save_rollouts:
-            _save_rollouts(log_path, step, groups, tokenizer)
-        metrics |= {"progress/batch": step, "optim/lr": float(scheduler.get_last_lr()[0])}
-        metrics["time/step"] = time.time() - t_step
-        metrics["time/total"] = time.time() - run_start
-        metrics["mem/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        logger.log(step, metrics)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
-            save(step + 1)
-        bar.update(step, metrics)
-        if "test/env/all/correct" in metrics:
-            plot_metrics(logger.rows(), log_path / "plot.png", title=f"{cfg.env} | {cfg.model_name}")
+            # 3. policy-gradient update(s), then new weights to the sampler
+            t0 = time.time()
+            if datums:
+                batch = collate(datums, tokenizer.pad_token_id, share_prefix=share_prefix(cfg, world))
+                metrics |= _update(scorer, policy, ref_model, optimizer, scheduler, batch, cfg, device, world)
+                version += 1
+                push_weights(version)
+            else:
+                for _ in range(cfg.num_substeps):
+                    scheduler.step()
+            metrics["time/train"] = time.time() - t0
+
+            # 4. log, keep rollouts, checkpoint
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
+                checkpoint(run, step + 1, scorer, tokenizer, optimizer, scheduler)
+            if not world.main:
+                continue
+            if cfg.save_rollouts:
+                _save_rollouts(log_path, step, groups, tokenizer)
+            metrics |= {"progress/batch": step, "optim/lr": float(scheduler.get_last_lr()[0])}
+            metrics["time/step"] = time.time() - t_step
+            metrics["time/total"] = time.time() - run_start
+            metrics["mem/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            assert logger is not None
+            logger.log(step, metrics)
+            bar.update(step, metrics)
+            if "test/env/all/correct" in metrics:
+                plot_metrics(logger.rows(), log_path / "plot.png", title=f"{cfg.env} | {cfg.model_name}")
+    finally:
+        if ahead is not None:
+            for future in pending.values():
+                future.cancel()
+            ahead.shutdown(wait=True)
 
     # --- the end: final checkpoint, then evaluate exactly those weights --------------------
     if start_step < cfg.max_steps or latest_checkpoint(log_path) is None:
-        save(cfg.max_steps, final=True)
-    final = evaluate(cfg.max_steps)
-    logger.log(cfg.max_steps, {**final, "time/total": time.time() - run_start})
-    plot_metrics(logger.rows(), log_path / "plot.png", title=f"{cfg.env} | {cfg.model_name}")
-    bar.close(final)
-    _warn_truncation(logger.rows())
+        checkpoint(run, cfg.max_steps, scorer, tokenizer, optimizer, scheduler, final=True)
+    if world.main:
+        assert logger is not None
+        final = evaluate(cfg.max_steps)
+        logger.log(cfg.max_steps, {**final, "time/total": time.time() - run_start})
+        plot_metrics(logger.rows(), log_path / "plot.png", title=f"{cfg.env} | {cfg.model_name}")
+        bar.close(final)
+        _warn_truncation(logger.rows())
+    parallel.barrier(world)
     return log_path
 
 
+_ONE_PROCESS = World()
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """One step's sampled groups, the weights version that sampled them, and how long it took."""
+
+    groups: list[TrajectoryGroup]
+    version: int
+    seconds: float
+
+
+def _memory_line(cfg: TrainConfig, config: Any, renderer: Renderer, items: list[EvalItem], world: World) -> str:
+    """The start-up estimate of memory per device (:mod:`mathrl.memory`), prompts sized by a test problem."""
+    from mathrl.memory import estimate
+
+    prompt = len(renderer.initial_tokens(list(items[0].messages), ())) if items and items[0].messages else 512
+    return estimate(
+        config, lora_rank=cfg.lora_rank, group_size=cfg.group_size, groups_per_batch=cfg.groups_per_batch,
+        max_tokens=cfg.max_tokens * (cfg.max_turns if items and not items[0].messages else 1),
+        prompt_tokens=prompt, micro_batch_tokens=cfg.micro_batch_tokens, world_size=world.size,
+        parallel=cfg.parallel, gradient_checkpointing=cfg.gradient_checkpointing, sampler=cfg.sampler,
+    ).describe()  # fmt: skip
+
+
+def _check_sampler(cfg: TrainConfig) -> None:
+    if cfg.sampler == "remote" and not (cfg.base_url and cfg.api_model):
+        raise ConfigError(
+            "sampler=remote needs base_url (e.g. http://127.0.0.1:8000/v1) and api_model (its model name)"
+        )
+    if cfg.sampler == "local" and (cfg.base_url or cfg.api_model):
+        raise ConfigError("base_url/api_model are for sampler=remote; pass sampler=remote or drop them")
+
+
+def _make_sampler(cfg: TrainConfig, run: Run, start: Path | None, tokenizer: Any, device: torch.device) -> Sampler:
+    """The in-process sampler on a bf16 copy of the policy, or a server's (weights go to log_path/weights)."""
+    if cfg.sampler == "remote":
+        from mathrl.rollout.remote import RemoteSampler
+
+        return RemoteSampler(
+            cfg.base_url, cfg.api_model, run.log_path / "weights", lora=bool(cfg.lora_rank),
+            keep_versions=cfg.max_off_policy_steps + 2,
+        )  # fmt: skip
+    sampler_model = _load_base(cfg, start, getattr(torch, cfg.sample_dtype))
+    sampler_model.to(device)  # type: ignore[arg-type]
+    return TorchSampler(sampler_model, eos_token_ids(tokenizer), tokenizer.pad_token_id, tokenizer=tokenizer)
+
+
+def share_prefix(cfg: TrainConfig, world: World) -> bool:
+    """Whether a group's prompt is computed once in the update (:class:`~mathrl.rl.batching.Batch`).
+    Not with gradient checkpointing (which drops the prompt's key/value cache) nor under FSDP2:
+    its backward hooks sit on each layer's outputs, and the prompt's keys and values reach the
+    backward through the cache instead, after the layer's weights were resharded."""
+    return not cfg.gradient_checkpointing and not (world.distributed and cfg.parallel == "fsdp")
+
+
+def _is_cap(cfg: TrainConfig) -> float:
+    """The importance-weight cap in force (0 = none): is_cap, or by default 2 when off-policy."""
+    if cfg.is_cap is not None:
+        return cfg.is_cap
+    return 2.0 if cfg.max_off_policy_steps else 0.0
+
+
 def _update(
+    scorer: torch.nn.Module,
     policy: torch.nn.Module,
     ref_model: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer,
@@ -296,66 +431,100 @@ def _update(
     batch: Batch,
     cfg: TrainConfig,
     device: torch.device,
+    world: World = _ONE_PROCESS,
 ) -> dict[str, float]:
-    """``num_substeps`` optimizer steps over consecutive minibatches of ``batch``."""
-    stats: dict[str, list[float]] = {}
+    """``num_substeps`` optimizer steps over consecutive minibatches of ``batch``.
 
-    def add(key: str, value: float, weight: float = 1.0) -> None:
-        stats.setdefault(key, []).extend([value * weight, weight])
+    Every rank holds the whole batch; each micro-batch's rows are shared out over the ranks
+    (:func:`mathrl.parallel.shard`). Per-token weights come from the whole minibatch, and the
+    loss is scaled by the world size because DDP and FSDP2 average gradients over ranks: the
+    reduced gradient is the one process's gradient on the same minibatch.
+    """
+    stats: dict[str, list[float]] = {}  # key -> [numerator, denominator], summed over ranks
 
+    def add(key: str, numerator: float, denominator: float) -> None:
+        acc = stats.setdefault(key, [0.0, 0.0])
+        acc[0] += numerator
+        acc[1] += denominator
+
+    cap = _is_cap(cfg)
+    grad_norms = []
     bounds = np.linspace(0, len(batch), cfg.num_substeps + 1).round().astype(int)
     for sub, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         if hi <= lo:
             continue
         minibatch = batch.slice(lo, hi)
-        weights_BT = AGGREGATIONS[cfg.loss_agg](minibatch.action_mask_BT)
+        weights_BT = AGGREGATIONS[cfg.loss_agg](minibatch.action_mask_BT) * world.size
         optimizer.zero_grad(set_to_none=True)
-        for m, m_end in minibatch.micro_batches(cfg.micro_batch_tokens):
-            micro = _to(minibatch.slice(m, m_end), device)
-            w_BT = weights_BT[m:m_end, : micro.input_ids_BT.shape[1]].to(device)
-            mask_BT = micro.action_mask_BT
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train_bf16):
-                logp_BT, entropy_BT = action_logprobs(policy, micro, cfg.temperature)
-            loss_BT = LOSSES[cfg.loss_fn](logp_BT, micro.sample_logprobs_BT, micro.advantages_B, cfg.ppo_clip)
-            if cfg.kl_penalty_coef:
-                ref_logp_BT = _ref_logprobs(policy, ref_model, micro, cfg, device)
-                kl_BT = kl_k3(logp_BT, ref_logp_BT)
-                loss_BT = loss_BT + cfg.kl_penalty_coef * kl_BT
-                add("optim/kl_ref", float((kl_BT * mask_BT).sum() / mask_BT.sum()), float(mask_BT.sum()))
-            loss = (loss_BT * w_BT).sum()
-            loss.backward()
+        ranges = minibatch.micro_batches(cfg.micro_batch_tokens)
+        for k, (m, m_end) in enumerate(ranges):
+            rows, real = parallel.shard(m_end - m, world)
+            micro = _to(minibatch.select([m + r for r in rows]), device)
+            width = micro.input_ids_BT.shape[1]
+            w_BT = weights_BT[[m + r for r in rows], :width].to(device) * float(real)
+            mask_BT = micro.action_mask_BT * float(real)
+            with parallel.no_sync(scorer, last=k == len(ranges) - 1):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train_bf16):
+                    logp_BT, entropy_BT = score(scorer, micro, cfg.temperature)
+                sample_logp_BT = micro.sample_logprobs_BT
+                if cap:  # truncated importance sampling: the weight pi/pi_sample is at most cap
+                    floor_BT = logp_BT.detach() - math.log(cap)
+                    add("optim/frac_is_capped", float(((floor_BT > sample_logp_BT).float() * mask_BT).sum()),
+                        float(mask_BT.sum()))  # fmt: skip
+                    sample_logp_BT = torch.maximum(sample_logp_BT, floor_BT)
+                loss_BT = LOSSES[cfg.loss_fn](logp_BT, sample_logp_BT, micro.advantages_B, cfg.ppo_clip)
+                if cfg.kl_penalty_coef:
+                    ref_logp_BT = _ref_logprobs(scorer, policy, ref_model, micro, cfg, device)
+                    kl_BT = kl_k3(logp_BT, ref_logp_BT)
+                    loss_BT = loss_BT + cfg.kl_penalty_coef * kl_BT
+                    add("optim/kl_ref", float((kl_BT * mask_BT).sum()), float(mask_BT.sum()))
+                loss = (loss_BT * w_BT).sum()
+                loss.backward()
             n_tok = float(mask_BT.sum())
             diff_BT = (micro.sample_logprobs_BT - logp_BT.detach()) * mask_BT
             ratio_BT = torch.exp(-diff_BT)
-            if sub == 0:  # before any update: pure sampler/trainer mismatch
-                add("optim/kl_sample_train_v1", float(diff_BT.sum()) / n_tok, n_tok)
-                add("optim/kl_sample_train_v2", float(0.5 * (diff_BT**2).sum()) / n_tok, n_tok)
-            add("optim/entropy", float((entropy_BT * mask_BT).sum()) / n_tok, n_tok)
-            add("optim/ratio_mean", float((ratio_BT * mask_BT).sum()) / n_tok, n_tok)
+            if sub == 0:  # before any update: pure sampler/trainer mismatch (and staleness)
+                add("optim/kl_sample_train_v1", float(diff_BT.sum()), n_tok)
+                add("optim/kl_sample_train_v2", float(0.5 * (diff_BT**2).sum()), n_tok)
+            add("optim/entropy", float((entropy_BT * mask_BT).sum()), n_tok)
+            add("optim/ratio_mean", float((ratio_BT * mask_BT).sum()), n_tok)
             clipped = ((ratio_BT - 1).abs() > cfg.ppo_clip).float() * mask_BT
-            add("optim/frac_ratio_outside_clip", float(clipped.sum()) / n_tok, n_tok)
-            add("optim/loss", float(loss.detach()), 1.0)
+            add("optim/frac_ratio_outside_clip", float(clipped.sum()), n_tok)
+            add("optim/loss", float(loss.detach()) / world.size, 0.0)
         grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in policy.parameters() if p.requires_grad], cfg.max_grad_norm or float("inf")
+            [p for p in scorer.parameters() if p.requires_grad], cfg.max_grad_norm or float("inf")
         )
-        add("optim/grad_norm", float(grad_norm))
+        grad_norms.append(float(_full_tensor(grad_norm)))
         optimizer.step()
         scheduler.step()
-    out = {k: sum(v[0::2]) / max(sum(v[1::2]), 1e-12) for k, v in stats.items()}
-    out["optim/loss"] = sum(stats["optim/loss"][0::2])  # a sum over micro-batches, not a mean
+    keys = sorted(stats)
+    sums = parallel.all_sum([v for k in keys for v in stats[k]], world)
+    out = {k: sums[2 * i] / max(sums[2 * i + 1], 1e-12) for i, k in enumerate(keys)}
+    out["optim/loss"] = sums[2 * keys.index("optim/loss")]  # a sum over micro-batches, not a mean
+    out["optim/grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
     out["optim/advantage_abs_mean"] = float(batch.advantages_B.abs().mean())
     return out
 
 
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2's gradient norm) as a plain tensor; plain tensors as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # type: ignore[no-any-return]
+
+
 def _ref_logprobs(
-    policy: torch.nn.Module, ref_model: torch.nn.Module | None, micro: Batch, cfg: TrainConfig, device: torch.device
+    scorer: torch.nn.Module,
+    policy: torch.nn.Module,
+    ref_model: torch.nn.Module | None,
+    micro: Batch,
+    cfg: TrainConfig,
+    device: torch.device,
 ) -> torch.Tensor:
     """Logprobs under the starting weights: adapters off for LoRA, a frozen copy otherwise."""
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train_bf16):
         if ref_model is not None:
             return action_logprobs(ref_model, micro, cfg.temperature)[0]
         with policy.disable_adapter():  # type: ignore[operator]
-            return action_logprobs(policy, micro, cfg.temperature)[0]
+            return score(scorer, micro, cfg.temperature, entropy=False)[0]
 
 
 def _datums(groups: list[TrajectoryGroup], cfg: TrainConfig) -> list[Datum]:
@@ -444,29 +613,6 @@ def _load_base(cfg: TrainConfig, start: Path | None, dtype: torch.dtype = torch.
     if start is None or (_is_adapter(start) and cfg.load_checkpoint_mode == "continue"):
         return load_model(cfg.model_name, dtype)
     return load_merged(str(start), dtype)
-
-
-def _check_resume(cfg: TrainConfig, log_path: Path) -> Path | None:
-    """The checkpoint to resume from; refuse when the saved config differs in what it computes."""
-    saved_file = log_path / "config.json"
-    checkpoint = latest_checkpoint(log_path)
-    if saved_file.exists():
-        recorded = json.loads(saved_file.read_text())
-        recorded.pop("sandbox", None)  # what was resolved at start (the sandbox's isolation), not a key
-        saved = config_to_dict(config_from_dict(TrainConfig, recorded, str(saved_file)))
-        changed = [k for k in diff_configs(saved, config_to_dict(cfg)) if k not in _RESUMABLE_CHANGES]
-        if changed:
-            raise ConfigError(
-                f"log_path {log_path} holds a run with a different config ({', '.join(changed)}); "
-                "use a new log_path to start a new run"
-            )
-    return checkpoint
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _step_seed(seed: int, step: int, purpose: str) -> int:

@@ -32,11 +32,10 @@ import hashlib
 import json
 import math
 import os
-import random
 import resource
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -44,11 +43,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from mathrl.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint, set_rng_state
-from mathrl.config import ConfigError, config_from_dict, config_to_dict, diff_configs, option
-from mathrl.models import EMBEDDED_MODEL, base_of, load_model, load_tokenizer, wrap_lora
+from mathrl import parallel
+from mathrl.checkpoint import latest_checkpoint
+from mathrl.config import option
+from mathrl.models import EMBEDDED_MODEL, load_model, load_tokenizer
+from mathrl.parallel import World
 from mathrl.plots import plot_metrics
-from mathrl.tracking import MetricsLogger, ProgressBar, atomic_write_text, keep_rows
+from mathrl.rl.batching import ActionScorer, Datum, collate, score
+from mathrl.tracking import ProgressBar
+from mathrl.train.run import lr_multiplier as lr_multiplier  # re-exported: the schedule is shared
+from mathrl.train.run import make_optimizer, make_policy, restore_optimizer, restore_weights, start_run
+from mathrl.train.run import save as checkpoint
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -100,10 +105,18 @@ class SFTConfig:
     train_bf16: bool = field(default=True, metadata=option("bf16 autocast for the forward/backward."))
     device: str | None = field(default=None, metadata=option("cpu, cuda, ... (default: cuda if available)."))
     num_threads: int | None = field(default=None, metadata=option("torch CPU threads (default: all cores)."))
+    parallel: str = field(
+        default="ddp",
+        metadata=option("Under torchrun: ddp (replicated weights) or fsdp (FSDP2, sharded).", choices=("ddp", "fsdp")),
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata=option("Recompute activations in the backward (less memory, ~30% more compute).")
+    )
 
 
 # Keys that may change between a run and its resumption without changing what it computes.
 _RESUMABLE_CHANGES = {"max_steps", "eval_every", "save_every", "log_path", "num_threads", "grad_accum_steps"}
+_ONE_PROCESS = World()
 
 
 @dataclass(frozen=True)
@@ -170,22 +183,6 @@ def truncate(tokens: Sequence[int], mask: Sequence[bool], max_length: int) -> tu
     truncated = end > max_length
     end = min(end, max_length)
     return list(tokens[:end]), list(mask[:end]), truncated
-
-
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Factor on the peak learning rate at ``step`` (0-based): linear warmup to 1 over
-    ``warmup_steps`` steps (``(step+1)/warmup``), then constant, linear or cosine decay
-    that would reach 0 at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(total_steps - warmup_steps, 1))
-    if schedule == "linear":
-        return 1.0 - progress
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"lr_schedule: unknown schedule {schedule!r}")
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -264,35 +261,16 @@ def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> lis
 # --- the model side ------------------------------------------------------------------------
 
 
-def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``(input_ids_BT, attention_mask_BT, loss_mask_BT)``, padded to the longest."""
-    T = max(len(e.tokens_T) for e in examples)
-    ids_BT = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    attn_BT = torch.zeros((len(examples), T), dtype=torch.long)
-    loss_BT = torch.zeros((len(examples), T), dtype=torch.bool)
-    for b, e in enumerate(examples):
-        n = len(e.tokens_T)
-        ids_BT[b, :n] = torch.tensor(e.tokens_T)
-        attn_BT[b, :n] = 1
-        loss_BT[b, :n] = torch.tensor(e.loss_mask_T)
-    return ids_BT, attn_BT, loss_BT
-
-
-def nll_sum(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, chunk: int = 256) -> torch.Tensor:
-    """Sum of -log p over the loss tokens of ``examples``: the body once, then the LM head
-    and log-softmax only at positions that predict a loss token, ``chunk`` rows at a time."""
-    base = base_of(model)
-    device = next(model.parameters()).device
-    ids_BT, attn_BT, loss_BT = (t.to(device) for t in collate(examples, pad_id))
-    hidden_BTH = base.model(input_ids=ids_BT, attention_mask=attn_BT).last_hidden_state
-    pred_BT = loss_BT[:, 1:]  # position t-1 predicts token t
-    hidden_NH = hidden_BTH[:, :-1][pred_BT]
-    targets_N = ids_BT[:, 1:][pred_BT]
-    total = hidden_NH.new_zeros((), dtype=torch.float32)
-    for s in range(0, hidden_NH.shape[0], chunk):
-        logits_NV = base.lm_head(hidden_NH[s : s + chunk]).float()
-        total = total + torch.nn.functional.cross_entropy(logits_NV, targets_N[s : s + chunk], reduction="sum")
-    return total
+def nll_sum(scorer: torch.nn.Module, examples: Sequence[Example], pad_id: int) -> torch.Tensor:
+    """Sum of -log p over the loss tokens of ``examples``, through ``scorer`` (an
+    :class:`~mathrl.rl.batching.ActionScorer` of the policy, possibly wrapped for data
+    parallelism): the body once, the LM head only at positions that predict a loss token."""
+    device = next(scorer.parameters()).device
+    datums = [Datum(e.tokens_T, e.loss_mask_T, (0.0,) * len(e.tokens_T), 0.0) for e in examples]
+    batch = collate(datums, pad_id, share_prefix=False)
+    batch = batch if device.type == "cpu" else batch.to(device)
+    logp_BT, _ = score(scorer, batch, entropy=False)
+    return -(logp_BT * batch.action_mask_BT).sum()
 
 
 def micro_batches(examples: Sequence[Example], n: int) -> list[list[Example]]:
@@ -302,35 +280,47 @@ def micro_batches(examples: Sequence[Example], n: int) -> list[list[Example]]:
 
 
 def train_step(
-    policy: torch.nn.Module,
+    scorer: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     examples: Sequence[Example],
     *,
-    lr: float,
     grad_accum_steps: int,
     pad_id: int,
     bf16: bool,
     max_grad_norm: float,
+    lr: float | None = None,
+    world: World = _ONE_PROCESS,
 ) -> dict[str, float]:
     """One SFT step: token-mean NLL over all loss tokens of ``examples``, accumulated over
-    ``grad_accum_steps`` micro-batches, then gradient clipping and one AdamW step at ``lr``."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    ``grad_accum_steps`` micro-batches, then gradient clipping and one AdamW step (at ``lr``
+    when given, else at what the optimizer's schedule set).
+
+    Under torchrun each micro-batch's conversations are shared out over the ranks, and the
+    loss is normalised by the whole step's loss tokens times the world size (DDP and FSDP2
+    average gradients over ranks): the update is one process's on the same batch."""
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
     n_loss = sum(sum(e.loss_mask_T) for e in examples)
-    device = next(policy.parameters()).device
+    device = next(scorer.parameters()).device
     optimizer.zero_grad(set_to_none=True)
     total_nll = 0.0
-    for micro in micro_batches(examples, grad_accum_steps):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            nll = nll_sum(policy, micro, pad_id)
-        (nll / max(n_loss, 1)).backward()  # normalised by the whole step's tokens: accumulation = one batch
+    parts = micro_batches(examples, grad_accum_steps)
+    for k, micro in enumerate(parts):
+        rows, real = parallel.shard(len(micro), world)
+        with parallel.no_sync(scorer, last=k == len(parts) - 1):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                nll = nll_sum(scorer, [micro[r] for r in rows], pad_id) * float(real)
+            # normalised by the whole step's tokens: accumulation and sharding = one batch
+            (nll * world.size / max(n_loss, 1)).backward()
         total_nll += float(nll.detach())
-    params = [p for p in policy.parameters() if p.requires_grad]
+    params = [p for p in scorer.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
     optimizer.step()
+    (total_nll,) = parallel.all_sum([total_nll], world)
     return {
         "train_mean_nll": total_nll / max(n_loss, 1),
-        "optim/grad_norm": float(grad_norm),
+        "optim/grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
         "num_sequences": len(examples),
         "num_tokens": sum(len(e.tokens_T) for e in examples),
         "num_loss_tokens": n_loss,
@@ -339,13 +329,19 @@ def train_step(
 
 
 @torch.no_grad()
-def mean_nll(policy: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch: int, bf16: bool) -> float:
-    """Token-mean NLL of the loss tokens of ``examples`` (the held-out metric)."""
-    device = next(policy.parameters()).device
+def mean_nll(
+    scorer: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch: int, bf16: bool,
+    world: World = _ONE_PROCESS,
+) -> float:  # fmt: skip
+    """Token-mean NLL of the loss tokens of ``examples`` (the held-out metric; every rank
+    computes its share of each micro-batch)."""
+    device = next(scorer.parameters()).device
     total, n_loss = 0.0, sum(sum(e.loss_mask_T) for e in examples)
     for micro in micro_batches(examples, math.ceil(len(examples) / batch)):
+        rows, real = parallel.shard(len(micro), world)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            total += float(nll_sum(policy, micro, pad_id))
+            total += float(nll_sum(scorer, [micro[r] for r in rows], pad_id)) * float(real)
+    (total,) = parallel.all_sum([total], world)
     return total / max(n_loss, 1)
 
 
@@ -354,18 +350,10 @@ def mean_nll(policy: torch.nn.Module, examples: Sequence[Example], pad_id: int, 
 
 def sft(cfg: SFTConfig, progress: bool = True) -> Path:
     """Run (or resume) supervised fine-tuning; return the run directory."""
-    log_path = Path(cfg.log_path or f"runs/sft-{datetime.now():%Y%m%d-%H%M%S}")
-    cfg = replace(cfg, log_path=str(log_path))
     if cfg.test_file is None and cfg.test_fraction == 0:
         print("note: no held-out set (test_fraction=0 and no test_file): test/nll is not measured")
-    log_path.mkdir(parents=True, exist_ok=True)
-    checkpoint = _check_resume(cfg, log_path)
-    atomic_write_text(log_path / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    cfg, run = start_run(cfg, f"runs/sft-{datetime.now():%Y%m%d-%H%M%S}", _RESUMABLE_CHANGES)
+    world, device, log_path = run.world, run.device, run.log_path
 
     # --- data: render, mask, truncate once --------------------------------------------------
     tokenizer = load_tokenizer(cfg.model_name)
@@ -381,30 +369,26 @@ def sft(cfg: SFTConfig, progress: bool = True) -> Path:
     steps_per_epoch = len(train_set) // cfg.batch_size
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.num_epochs * steps_per_epoch
     n_cut = sum(e.truncated for e in train_set)
-    print(
-        f"sft: {len(train_set)} train / {len(test_set)} held-out conversations, {steps_per_epoch} steps per epoch, "
-        f"{max_steps} steps; {n_cut} truncated at max_length={cfg.max_length}"
-    )
+    if world.main:
+        print(
+            f"sft: {len(train_set)} train / {len(test_set)} held-out conversations, {steps_per_epoch} steps per "
+            f"epoch, {max_steps} steps; {n_cut} truncated at max_length={cfg.max_length}"
+        )
 
-    # --- model and optimizer (as in mathrl train: with LoRA under autocast the frozen base is bf16)
-    frozen_bf16 = bool(cfg.lora_rank) and cfg.train_bf16
-    base_model = load_model(cfg.model_name, torch.bfloat16 if frozen_bf16 else torch.float32)
-    torch.manual_seed(cfg.seed)  # LoRA init draws random numbers: seed first (TRL #6688)
-    policy = wrap_lora(base_model, cfg.lora_rank, cfg.lora_alpha, autocast=frozen_bf16)
-    if checkpoint is not None:
-        load_weights(policy, checkpoint, cfg.lora_rank)
+    # --- model and optimizer: mathrl train's (mathrl.train.run) ----------------------------
+    policy, _ = make_policy(
+        lambda dtype: load_model(cfg.model_name, dtype), lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+        train_bf16=cfg.train_bf16, parallel_mode=cfg.parallel, world=world, seed=cfg.seed,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )  # fmt: skip
+    start_step = restore_weights(run, policy, cfg.lora_rank)
     policy.to(device).train()
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    start_step = 0
-    if checkpoint is not None:
-        state = load_trainer_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start_step = state["step"]
-    logger = MetricsLogger(log_path)
-    keep_rows(logger.path, lambda r: r["step"] < start_step)  # rows after the checkpoint are redone
-    keep_rows(log_path / "checkpoints.jsonl", lambda r: r["step"] <= start_step)
+    scorer = parallel.wrap(ActionScorer(policy), cfg.parallel, world, device)
+    optimizer, scheduler = make_optimizer(scorer, cfg, max_steps, cfg.warmup_steps)
+    restore_optimizer(run, optimizer, scheduler)
+    if run.checkpoint is not None and world.main:
+        print(f"resuming {log_path} from its checkpoint at step {start_step} ({run.checkpoint.name})")
+    logger = run.logger(start_step)
     pad_id = tokenizer.pad_token_id
     eval_batch = max(1, cfg.batch_size // cfg.grad_accum_steps)
 
@@ -412,15 +396,12 @@ def sft(cfg: SFTConfig, progress: bool = True) -> Path:
         if not test_set:
             return {}
         t0 = time.time()
-        policy.eval()
-        nll = mean_nll(policy, test_set, pad_id, eval_batch, cfg.train_bf16)
-        policy.train()
+        scorer.eval()
+        nll = mean_nll(scorer, test_set, pad_id, eval_batch, cfg.train_bf16, world)
+        scorer.train()
         return {"test/nll": nll, "time/eval": time.time() - t0}
 
-    def save(step: int, final: bool = False) -> None:
-        save_checkpoint(log_path, step, policy, tokenizer, {"optimizer": optimizer.state_dict()}, final=final)
-
-    bar = ProgressBar("sft", max_steps, start_step, progress, "test/nll", "held-out nll",
+    bar = ProgressBar("sft", max_steps, start_step, progress and world.main, "test/nll", "held-out nll",
                       lambda m: f"nll {m['train_mean_nll']:.3f}", digits=4)  # fmt: skip
     run_start = time.time()
     # --- the loop -------------------------------------------------------------------------
@@ -430,43 +411,33 @@ def sft(cfg: SFTConfig, progress: bool = True) -> Path:
         if step == 0 or (cfg.eval_every and step % cfg.eval_every == 0):
             metrics |= evaluate()
         batch = [train_set[i] for i in batch_indices(len(train_set), cfg.batch_size, step, cfg.seed)]
-        lr = cfg.learning_rate * lr_multiplier(step, max_steps, cfg.warmup_steps, cfg.lr_schedule)
+        lr = float(scheduler.get_last_lr()[0])
         metrics |= train_step(
-            policy, optimizer, batch, lr=lr, grad_accum_steps=cfg.grad_accum_steps, pad_id=pad_id,
-            bf16=cfg.train_bf16, max_grad_norm=cfg.max_grad_norm,
+            scorer, optimizer, batch, grad_accum_steps=cfg.grad_accum_steps, pad_id=pad_id,
+            bf16=cfg.train_bf16, max_grad_norm=cfg.max_grad_norm, world=world,
         )  # fmt: skip
+        scheduler.step()
         metrics |= {"optim/lr": lr, "progress/epoch": (step + 1) / steps_per_epoch}
         metrics["time/step"] = time.time() - t_step
         metrics["time/total"] = time.time() - run_start
         metrics["mem/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        logger.log(step, metrics)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < max_steps:
-            save(step + 1)
+            checkpoint(run, step + 1, scorer, tokenizer, optimizer, scheduler)
+        if logger is not None:
+            logger.log(step, metrics)
         bar.update(step, metrics)
 
     # --- the end: final checkpoint, then the held-out NLL of exactly those weights -----------
     if start_step < max_steps or latest_checkpoint(log_path) is None:
-        save(max_steps, final=True)
+        checkpoint(run, max_steps, scorer, tokenizer, optimizer, scheduler, final=True)
     final = evaluate()
-    logger.log(max_steps, {**final, "time/total": time.time() - run_start})
-    plot_metrics(logger.rows(), log_path / "plot.png", title=f"sft | {cfg.model_name}", curves=_CURVES,
-                 ylabel="NLL per token", ylim=None)  # fmt: skip
+    if logger is not None:
+        logger.log(max_steps, {**final, "time/total": time.time() - run_start})
+        plot_metrics(logger.rows(), log_path / "plot.png", title=f"sft | {cfg.model_name}", curves=_CURVES,
+                     ylabel="NLL per token", ylim=None)  # fmt: skip
     bar.close(final)
+    parallel.barrier(world)
     return log_path
-
-
-def _check_resume(cfg: SFTConfig, log_path: Path) -> Path | None:
-    """The checkpoint to resume from; refuse when the saved config differs in what it computes."""
-    saved_file = log_path / "config.json"
-    if saved_file.exists():
-        saved = config_to_dict(config_from_dict(SFTConfig, json.loads(saved_file.read_text()), str(saved_file)))
-        changed = [k for k in diff_configs(saved, config_to_dict(cfg)) if k not in _RESUMABLE_CHANGES]
-        if changed:
-            raise ConfigError(
-                f"log_path {log_path} holds a run with a different config ({', '.join(changed)}); "
-                "use a new log_path to start a new run"
-            )
-    return latest_checkpoint(log_path)
 
 
 _CURVES = (("train_mean_nll", "train NLL", "-"), ("test/nll", "held-out NLL", "o-"))

@@ -1,0 +1,184 @@
+"""Data-parallel training under torchrun (2 CPU processes, gloo).
+
+- The update equals one process's on the same global batch, for DDP and FSDP2, GRPO and SFT,
+  LoRA and full fine-tuning (tests/dist_update.py runs the real ``_update`` / ``train_step``).
+- ``torchrun -m mathrl train``: rank 0 alone writes, the run resumes on every rank, its
+  metrics equal a one-process run's, and a rank that dies ends the job instead of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "dist_update.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+EMBEDDED = "embedded:SmolLM2-135M-Instruct"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+_ONE_PROCESS: dict[tuple[str, str], dict[str, object]] = {}
+
+
+def _update(tmp_path: Path, kind: str, mode: str, lora: str, world: int) -> dict[str, object]:
+    out = tmp_path / f"{kind}-{mode}-{lora}-{world}.pt"
+    launcher = TORCHRUN if world == 2 else [sys.executable]
+    _run([*launcher, str(SCRIPT), str(out), kind, mode, lora])
+    return torch.load(out)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode", "lora"),
+    [("rl", "ddp", "4"), ("rl", "fsdp", "4"), ("rl", "fsdp", "0"), ("sft", "ddp", "4"), ("sft", "fsdp", "0")],
+)
+def test_two_ranks_update_equals_one_process(tmp_path, kind, mode, lora):
+    if (kind, lora) not in _ONE_PROCESS:
+        _ONE_PROCESS[kind, lora] = _update(tmp_path, kind, "ddp", lora, world=1)
+    one = _ONE_PROCESS[kind, lora]
+    two = _update(tmp_path, kind, mode, lora, world=2)
+    w1, w2, w0 = one["weights"], two["weights"], one["initial"]
+    assert isinstance(w1, dict) and isinstance(w2, dict) and isinstance(w0, dict)
+    assert w1.keys() == w2.keys()
+    moved = max(float((w1[k] - w0[k]).abs().max()) for k in w1)
+    gap = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert moved > 1e-4  # the update is real: the tolerance below is far under it
+    assert gap < 5e-6, f"2-rank {mode} update differs from 1 process by {gap:.2e} (update size {moved:.2e})"
+    s1, s2 = one["stats"], two["stats"]
+    assert isinstance(s1, dict) and isinstance(s2, dict)
+    for key in s1:  # losses, KL, entropy, clipping: summed over ranks, equal to one process's
+        assert s2[key] == pytest.approx(s1[key], rel=1e-4, abs=1e-6), key
+
+
+# --- torchrun -m mathrl train --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with the embedded model's tokenizer and chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from mathrl.models import ensure_embedded_model
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _train_args(model: Path | str, log_path: Path, *extra: str) -> list[str]:
+    return [
+        "-m", "mathrl", "train", f"model_name={model}", f"log_path={log_path}", "group_size=4",
+        "groups_per_batch=4", "max_tokens=6", "env_args.max_operand=9", "env_args.test_size=8", "eval_every=0",
+        "save_every=1", "train_bf16=false", "sample_dtype=float32", "temperature=1.0", "num_threads=1",
+        "learning_rate=1e-2", *extra,
+    ]  # fmt: skip
+
+
+def _rows(run: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+DETERMINISTIC = (
+    "env/all/reward/total",
+    "optim/num_sequences",
+    "optim/entropy",
+    "optim/kl_sample_train_v1",
+    "optim/loss",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_train_writes_once_resumes_and_matches_one_process(tmp_path, mode):
+    # The embedded model: it gets some answers right, so groups have reward spread and train.
+    one = tmp_path / "one"
+    _run([sys.executable, *_train_args(EMBEDDED, one, "max_steps=3")])
+    two = tmp_path / "two"
+    _run([*TORCHRUN, *_train_args(EMBEDDED, two, "max_steps=2", f"parallel={mode}")])
+    rows = _rows(two)
+    assert [r["step"] for r in rows] == [0, 1, 2]  # rank 0 alone logs: each step once
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+    if mode == "fsdp":  # each rank's optimizer shard sits beside the gathered weights
+        assert {p.name for p in (two / "checkpoints" / "step_000002").glob("optimizer_rank*")} == {
+            "optimizer_rank000.pt", "optimizer_rank001.pt"
+        }  # fmt: skip
+    resumed = _run([*TORCHRUN, *_train_args(EMBEDDED, two, "max_steps=3", f"parallel={mode}")])
+    assert "from its checkpoint at step 2" in resumed.stdout
+    rows = _rows(two)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    # Same seed: rank 0 samples what the single process samples, the update is the same.
+    for got, want in zip(rows[:3], _rows(one)[:3], strict=True):
+        for key in DETERMINISTIC:
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-5), (got["step"], key)
+    assert sum("optim/loss" in r for r in rows) >= 2  # steps did train
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_job(tiny_dir, tmp_path):
+    run = tmp_path / "dies"
+    proc = subprocess.Popen(
+        [*TORCHRUN, *_train_args(tiny_dir, run, "max_steps=200")],
+        env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not ((run / "metrics.jsonl").exists() and _rows(run)):
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            time.sleep(0.2)
+        rank1 = [pid for pid in _descendants(proc.pid) if _environ(pid).get("RANK") == "1"]
+        assert rank1, "no rank-1 worker found"
+        os.kill(rank1[0], signal.SIGKILL)
+        t0 = time.time()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert time.time() - t0 < 60  # no hang in a collective
+        assert "rank      : 1" in err and "Signal 9" in err  # torchrun names the dead rank and why
+        assert "mathrl train: error: rank 0 lost contact with another rank" in err  # one line, no traceback
+        assert "[rank0]: RuntimeError" not in err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
+    children: dict[int, list[int]] = {}
+    for child, parent in zip(out[0::2], out[1::2], strict=True):
+        children.setdefault(int(parent), []).append(int(child))
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
