@@ -23,7 +23,8 @@ def _train(argv: Sequence[str]) -> None:
         return
     cfg = parse_config(TrainConfig, argv)
     log_path = train(cfg)
-    print(f"run directory: {log_path}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
+        print(f"run directory: {log_path}")
 
 
 def _eval(argv: Sequence[str]) -> None:
@@ -48,7 +49,8 @@ def _sft(argv: Sequence[str]) -> None:
         print(config_help(SFTConfig, "mathrl sft"))
         return
     log_path = sft(parse_config(SFTConfig, argv))
-    print(f"run directory: {log_path}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
+        print(f"run directory: {log_path}")
 
 
 def _serve(argv: Sequence[str]) -> None:
