@@ -1,9 +1,11 @@
 """One GRPO update (``mathrl.train.rl._update``) or SFT step on a tiny random Llama, in one
-process or under ``torchrun``; rank 0 writes the updated weights to ``argv[1]``.
+process or under ``torchrun``, for each case ``KIND:MODE:LORA_RANK`` given (kind rl or sft,
+mode ddp or fsdp); rank 0 writes each case's weights to ``OUT_DIR/KIND-MODE-LORA_RANK.pt``.
 
 tests/test_parallel.py runs it both ways and compares: data parallelism must give the update
-one process computes on the same global batch.
-Usage: python tests/dist_update.py OUT.pt {rl,sft} {ddp,fsdp} LORA_RANK
+one process computes on the same global batch. One launch runs every case (startup is most
+of the cost).
+Usage: python tests/dist_update.py OUT_DIR rl:ddp:4 rl:fsdp:0 ...
 """
 
 from __future__ import annotations
@@ -22,8 +24,15 @@ from mathrl.train.run import make_optimizer
 from mathrl.train.sft import Example, train_step
 
 
-def main(out: str, kind: str, mode: str, lora_rank: int) -> None:
+def main(out_dir: str, cases: list[str]) -> None:
     world = parallel.init_world("cpu")
+    for case in cases:
+        kind, mode, lora = case.split(":")
+        run_case(f"{out_dir}/{kind}-{mode}-{lora}.pt", kind, mode, int(lora), world)
+    parallel.shutdown(world)
+
+
+def run_case(out: str, kind: str, mode: str, lora_rank: int, world: parallel.World) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -78,8 +87,8 @@ def main(out: str, kind: str, mode: str, lora_rank: int) -> None:
         weights = {k: v.detach().clone() for k, v in trained_weights(policy).items()}
     if world.main:
         torch.save({"weights": weights, "initial": initial, "stats": stats}, out)
-    parallel.shutdown(world)
+    parallel.barrier(world)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2:])

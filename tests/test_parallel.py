@@ -32,25 +32,28 @@ def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess[st
     return out
 
 
-_ONE_PROCESS: dict[tuple[str, str], dict[str, object]] = {}
+CASES = [("rl", "ddp", "4"), ("rl", "fsdp", "4"), ("rl", "fsdp", "0"), ("sft", "ddp", "4"), ("sft", "fsdp", "0")]
 
 
-def _update(tmp_path: Path, kind: str, mode: str, lora: str, world: int) -> dict[str, object]:
-    out = tmp_path / f"{kind}-{mode}-{lora}-{world}.pt"
-    launcher = TORCHRUN if world == 2 else [sys.executable]
-    _run([*launcher, str(SCRIPT), str(out), kind, mode, lora])
-    return torch.load(out)  # type: ignore[no-any-return]
+@pytest.fixture(scope="module")
+def updates(tmp_path_factory) -> dict[tuple[str, str, str, int], dict[str, object]]:
+    """Every case's result in 1 process and in 2 (one launch each: startup is most of the cost)."""
+    out = tmp_path_factory.mktemp("updates")
+    one_cases = sorted({f"{kind}:ddp:{lora}" for kind, _, lora in CASES})
+    (out / "one").mkdir()
+    (out / "two").mkdir()
+    _run([sys.executable, str(SCRIPT), str(out / "one"), *one_cases])
+    _run([*TORCHRUN, str(SCRIPT), str(out / "two"), *(":".join(c) for c in CASES)])
+    results = {}
+    for kind, mode, lora in CASES:
+        results[kind, mode, lora, 1] = torch.load(out / "one" / f"{kind}-ddp-{lora}.pt")
+        results[kind, mode, lora, 2] = torch.load(out / "two" / f"{kind}-{mode}-{lora}.pt")
+    return results
 
 
-@pytest.mark.parametrize(
-    ("kind", "mode", "lora"),
-    [("rl", "ddp", "4"), ("rl", "fsdp", "4"), ("rl", "fsdp", "0"), ("sft", "ddp", "4"), ("sft", "fsdp", "0")],
-)
-def test_two_ranks_update_equals_one_process(tmp_path, kind, mode, lora):
-    if (kind, lora) not in _ONE_PROCESS:
-        _ONE_PROCESS[kind, lora] = _update(tmp_path, kind, "ddp", lora, world=1)
-    one = _ONE_PROCESS[kind, lora]
-    two = _update(tmp_path, kind, mode, lora, world=2)
+@pytest.mark.parametrize(("kind", "mode", "lora"), CASES)
+def test_two_ranks_update_equals_one_process(updates, kind, mode, lora):
+    one, two = updates[kind, mode, lora, 1], updates[kind, mode, lora, 2]
     w1, w2, w0 = one["weights"], two["weights"], one["initial"]
     assert isinstance(w1, dict) and isinstance(w2, dict) and isinstance(w0, dict)
     assert w1.keys() == w2.keys()
@@ -109,12 +112,19 @@ DETERMINISTIC = (
 )
 
 
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> Path:
+    """3 steps in one process. The embedded model gets some answers right, so groups have reward
+    spread and train."""
+    one = tmp_path_factory.mktemp("one") / "run"
+    _run([sys.executable, *_train_args(EMBEDDED, one, "max_steps=3")])
+    return one
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_torchrun_train_writes_once_resumes_and_matches_one_process(tmp_path, mode):
-    # The embedded model: it gets some answers right, so groups have reward spread and train.
-    one = tmp_path / "one"
-    _run([sys.executable, *_train_args(EMBEDDED, one, "max_steps=3")])
+def test_torchrun_train_writes_once_resumes_and_matches_one_process(one_process_run, tmp_path, mode):
+    one = one_process_run
     two = tmp_path / "two"
     _run([*TORCHRUN, *_train_args(EMBEDDED, two, "max_steps=2", f"parallel={mode}")])
     rows = _rows(two)
