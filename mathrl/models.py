@@ -61,6 +61,18 @@ def ensure_embedded_model() -> Path:
     return target
 
 
+def check_model_name(name: str, key: str) -> None:
+    """Refuse, before anything is created, a model that names a local path which does not
+    exist: transformers would take it for a hub id and fail with an unrelated message."""
+    if name == EMBEDDED_MODEL or Path(name).expanduser().exists():
+        return
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # hub ids are "name" or "org/name"
+        raise FileNotFoundError(
+            f"{key}: {name} does not exist; pass a local model directory, a mathrl run or checkpoint, "
+            f"a hub id (org/name), or {EMBEDDED_MODEL}"
+        )
+
+
 def resolve_model_path(model_name: str) -> str:
     """Map ``model_name`` to something ``from_pretrained`` accepts."""
     if model_name == EMBEDDED_MODEL:

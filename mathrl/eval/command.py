@@ -35,7 +35,7 @@ from mathrl.envs.math_python import MathPythonEnv, ToolOptions, tool_messages
 from mathrl.eval.metrics import BenchmarkSummary, summarize
 from mathrl.eval.report import write_reports
 from mathrl.eval.runner import EvalItem, GenSettings, evaluate, items_from_problems, to_results
-from mathrl.models import EMBEDDED_MODEL
+from mathrl.models import EMBEDDED_MODEL, check_model_name
 from mathrl.prompts import TINKER_SUFFIX
 from mathrl.rollout.backend import ChatBackend, LocalBackend
 from mathrl.tools.formats import PARSER_CHOICES
@@ -101,14 +101,15 @@ _GENERATION_KEYS = ("split", "n", "temperature", "top_p", "max_tokens", "seed", 
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, list[BenchmarkSummary]]:
-    out_dir = Path(cfg.output_dir or f"runs/eval-{datetime.now():%Y%m%d-%H%M%S}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
     console = Console()
     benchmarks = [b.strip() for b in cfg.benchmarks.split(",") if b.strip()]
     problem_sets = {bench_name(b): _problems(cfg, b) for b in benchmarks}
+    backends = model_backends(cfg)  # data and models checked before anything is written
+    out_dir = Path(cfg.output_dir or f"runs/eval-{datetime.now():%Y%m%d-%H%M%S}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
     results: dict[str, list[BenchmarkSummary]] = {}
-    for label, make_backend in model_backends(cfg):
+    for label, make_backend in backends:
         backend = make_backend()
         results[label] = []
         for bench, problems in problem_sets.items():
@@ -262,6 +263,7 @@ def model_backends(cfg: ModelOptions) -> list[tuple[str, Any]]:
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     parser = getattr(cfg, "tool_parser", "auto")
     for name in names:
+        check_model_name(name, "model")
         entries.append((name, lambda name=name: LocalBackend.load(name, dtype, tool_parser=parser)))
     if cfg.base_url:
         if not cfg.api_model:

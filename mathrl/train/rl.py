@@ -43,7 +43,7 @@ from mathrl.envs.registry import make_dataset
 from mathrl.eval.metrics import summarize, test_metrics
 from mathrl.eval.runner import EvalItem, GenSettings, to_results
 from mathrl.eval.runner import evaluate as run_eval_items
-from mathrl.models import EMBEDDED_MODEL, base_of, eos_token_ids, load_model, load_tokenizer
+from mathrl.models import EMBEDDED_MODEL, base_of, check_model_name, eos_token_ids, load_model, load_tokenizer
 from mathrl.parallel import World
 from mathrl.plots import plot_metrics
 from mathrl.rl.advantages import group_advantages, is_constant
@@ -188,6 +188,7 @@ _RESUMABLE_CHANGES = {
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Run (or resume) GRPO; return the run directory."""
+    check_model_name(cfg.model_name, "model_name")  # before anything is created
     _check_sampler(cfg)
     start = _starting_checkpoint(cfg)
     cfg = replace(cfg, load_checkpoint_path=str(start) if start else None)  # config.json: what was loaded

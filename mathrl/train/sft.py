@@ -46,7 +46,7 @@ import torch
 from mathrl import parallel
 from mathrl.checkpoint import latest_checkpoint
 from mathrl.config import option
-from mathrl.models import EMBEDDED_MODEL, load_model, load_tokenizer
+from mathrl.models import EMBEDDED_MODEL, check_model_name, load_model, load_tokenizer
 from mathrl.parallel import World
 from mathrl.plots import plot_metrics
 from mathrl.rl.batching import ActionScorer, Datum, collate, score
@@ -350,6 +350,7 @@ def mean_nll(
 
 def sft(cfg: SFTConfig, progress: bool = True) -> Path:
     """Run (or resume) supervised fine-tuning; return the run directory."""
+    check_model_name(cfg.model_name, "model_name")  # before anything is created
     if cfg.test_file is None and cfg.test_fraction == 0:
         print("note: no held-out set (test_fraction=0 and no test_file): test/nll is not measured")
     cfg, run = start_run(cfg, f"runs/sft-{datetime.now():%Y%m%d-%H%M%S}", _RESUMABLE_CHANGES)
