@@ -9,6 +9,7 @@ checkpoints.jsonl, so the last listed checkpoint is always complete.
 
 from __future__ import annotations
 
+import errno
 import random
 import shutil
 import warnings
@@ -47,6 +48,23 @@ def save_checkpoint(
     per-rank optimizer shards); the weights are then read from the (gathered) parameters."""
     target = log_path / "checkpoints" / f"step_{step:06d}"
     tmp = target.with_name(target.name + ".tmp")
+    try:
+        _write(target, tmp, policy, tokenizer, trainer_state, step, keep_tmp)
+    except BaseException as e:  # a full disk, a kill: no half-written checkpoint stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if "No space left on device" in str(e) and not isinstance(e, OSError):  # safetensors' own error type
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from e
+        raise
+    append_jsonl(
+        log_path / "checkpoints.jsonl", {"step": step, "path": str(target.relative_to(log_path)), "final": final}
+    )
+    return target
+
+
+def _write(
+    target: Path, tmp: Path, policy: torch.nn.Module, tokenizer: Any, trainer_state: dict[str, Any], step: int,
+    keep_tmp: bool,
+) -> None:  # fmt: skip
     if not keep_tmp:
         shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -61,10 +79,6 @@ def save_checkpoint(
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
-    append_jsonl(
-        log_path / "checkpoints.jsonl", {"step": step, "path": str(target.relative_to(log_path)), "final": final}
-    )
-    return target
 
 
 def latest_checkpoint(log_path: Path) -> Path | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import warnings
@@ -137,6 +138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, ValueError) and type(e) not in (ValueError, ConfigError):
             raise
         print(f"mathrl {args[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(
+            f"mathrl {args[0]}: error: no space left on device writing {e.filename}; free space and rerun the same "
+            "command (a run resumes from its last complete checkpoint)",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

@@ -4,6 +4,8 @@ config.json in log_path)."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +38,32 @@ def test_a_missing_model_path_is_one_line_and_creates_nothing(tmp_path, command,
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [f"mathrl {command}: error: {key}: {missing} does not exist; " + lines[0].split("exist; ")[1]]
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("log_path", ["/dev/null/run", "/proc/forbidden/run"])
+def test_an_impossible_log_path_is_named(log_path):
+    result = _mathrl("train", f"log_path={log_path}", "max_steps=1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"mathrl train: error: log_path: cannot create {log_path} (")
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_half_checkpoint(tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(small)]).returncode:
+        pytest.skip("needs root to mount a 4 MB tmpfs (a real full disk)")
+    try:
+        run = small / "run"
+        result = _mathrl(
+            "train", f"log_path={run}", "max_steps=2", "save_every=1", "group_size=2", "groups_per_batch=2",
+            "max_tokens=4", "env_args.test_size=4", "eval_every=0", "save_rollouts=false",
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("mathrl train: error: no space left on device")
+        assert not list((run / "checkpoints").glob("*.tmp")), "a half-written checkpoint was left behind"
+        assert not (run / "checkpoints.jsonl").exists()  # nothing listed: the run restarts cleanly
+        assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0]
+    finally:
+        subprocess.run(["umount", str(small)])

@@ -324,22 +324,21 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                     scheduler.step()
             metrics["time/train"] = time.time() - t0
 
-            # 4. log, keep rollouts, checkpoint
+            # 4. log, keep rollouts, checkpoint (logged first: a kill between the two redoes the step)
+            if world.main:
+                if cfg.save_rollouts:
+                    _save_rollouts(log_path, step, groups, tokenizer)
+                metrics |= {"progress/batch": step, "optim/lr": float(scheduler.get_last_lr()[0])}
+                metrics["time/step"] = time.time() - t_step
+                metrics["time/total"] = time.time() - run_start
+                metrics["mem/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                assert logger is not None
+                logger.log(step, metrics)
+                bar.update(step, metrics)
+                if "test/env/all/correct" in metrics:
+                    plot_metrics(logger.rows(), log_path / "plot.png", title=f"{cfg.env} | {cfg.model_name}")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
                 checkpoint(run, step + 1, scorer, tokenizer, optimizer, scheduler)
-            if not world.main:
-                continue
-            if cfg.save_rollouts:
-                _save_rollouts(log_path, step, groups, tokenizer)
-            metrics |= {"progress/batch": step, "optim/lr": float(scheduler.get_last_lr()[0])}
-            metrics["time/step"] = time.time() - t_step
-            metrics["time/total"] = time.time() - run_start
-            metrics["mem/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            assert logger is not None
-            logger.log(step, metrics)
-            bar.update(step, metrics)
-            if "test/env/all/correct" in metrics:
-                plot_metrics(logger.rows(), log_path / "plot.png", title=f"{cfg.env} | {cfg.model_name}")
     finally:
         if ahead is not None:
             for future in pending.values():

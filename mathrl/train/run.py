@@ -63,7 +63,12 @@ def start_run(
     world = parallel.init_world(torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu")).type)
     device = parallel.device_for(world, device_name)
     if world.main:
-        log_path.mkdir(parents=True, exist_ok=True)
+        try:
+            log_path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(
+                f"log_path: cannot create {log_path} ({e.strerror}); pass a directory you can write"
+            ) from None
     checkpoint = check_resume(cfg, log_path, resumable, ignore=tuple(recorded or ()))
     if world.main:
         record = {**config_to_dict(cfg), **(recorded or {})}

@@ -422,11 +422,11 @@ def sft(cfg: SFTConfig, progress: bool = True) -> Path:
         metrics["time/step"] = time.time() - t_step
         metrics["time/total"] = time.time() - run_start
         metrics["mem/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < max_steps:
-            checkpoint(run, step + 1, scorer, tokenizer, optimizer, scheduler)
-        if logger is not None:
+        if logger is not None:  # logged before the checkpoint: a kill between the two redoes the step
             logger.log(step, metrics)
         bar.update(step, metrics)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < max_steps:
+            checkpoint(run, step + 1, scorer, tokenizer, optimizer, scheduler)
 
     # --- the end: final checkpoint, then the held-out NLL of exactly those weights -----------
     if start_step < max_steps or latest_checkpoint(log_path) is None:
