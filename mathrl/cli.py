@@ -2,86 +2,109 @@
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
+import shutil
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 
 from mathrl.config import ConfigError, config_help, parse_config
 
 
-def _train(argv: Sequence[str]) -> None:
-    from transformers.utils import logging as hf_logging
+def _wants_help(argv: Sequence[str]) -> bool:
+    return any(a in ("-h", "--help", "help") for a in argv)
 
-    from mathrl.train.rl import TrainConfig, train
+
+def _quiet_hub() -> None:
+    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor loading bars would drown the run's own progress
 
-    if any(a in ("-h", "--help", "help") for a in argv):
+
+def _say_run_directory(log_path: object) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
+        print(f"run directory: {log_path}")
+
+
+# Each command reads its options from a module that does not import torch, so --help is instant;
+# the code that runs it is imported only to run.
+
+
+def _train(argv: Sequence[str]) -> None:
+    from mathrl.train.configs import TrainConfig
+
+    if _wants_help(argv):
         print(config_help(TrainConfig, "mathrl train"))
         print(_env_help())
         return
     cfg = parse_config(TrainConfig, argv)
-    log_path = train(cfg)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
-        print(f"run directory: {log_path}")
+    _quiet_hub()
+    from mathrl.train.rl import train
+
+    _say_run_directory(train(cfg))
 
 
 def _eval(argv: Sequence[str]) -> None:
-    from transformers.utils import logging as hf_logging
+    from mathrl.eval.config import EvalConfig
 
-    from mathrl.eval.command import EvalConfig, run_eval
-
-    hf_logging.disable_progress_bar()
-    if any(a in ("-h", "--help", "help") for a in argv):
+    if _wants_help(argv):
         print(config_help(EvalConfig, "mathrl eval"))
         return
-    run_eval(parse_config(EvalConfig, argv))
+    cfg = parse_config(EvalConfig, argv)
+    _quiet_hub()
+    from mathrl.eval.command import run_eval
+
+    run_eval(cfg)
 
 
 def _sft(argv: Sequence[str]) -> None:
-    from transformers.utils import logging as hf_logging
+    from mathrl.train.configs import SFTConfig
 
-    from mathrl.train.sft import SFTConfig, sft
-
-    hf_logging.disable_progress_bar()
-    if any(a in ("-h", "--help", "help") for a in argv):
+    if _wants_help(argv):
         print(config_help(SFTConfig, "mathrl sft"))
         return
-    log_path = sft(parse_config(SFTConfig, argv))
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
-        print(f"run directory: {log_path}")
+    cfg = parse_config(SFTConfig, argv)
+    _quiet_hub()
+    from mathrl.train.sft import sft
+
+    _say_run_directory(sft(cfg))
 
 
 def _serve(argv: Sequence[str]) -> None:
     from mathrl.serve import ServeConfig, serve
 
-    if any(a in ("-h", "--help", "help") for a in argv):
+    if _wants_help(argv):
         print(config_help(ServeConfig, "mathrl serve"))
         return
     serve(parse_config(ServeConfig, argv))
 
 
 def _distill(argv: Sequence[str]) -> None:
-    from transformers.utils import logging as hf_logging
+    from mathrl.train.configs import DistillConfig
 
-    from mathrl.train.distill import DistillConfig, run_distill
-
-    hf_logging.disable_progress_bar()
-    if any(a in ("-h", "--help", "help") for a in argv):
+    if _wants_help(argv):
         print(config_help(DistillConfig, "mathrl distill"))
         return
-    run_distill(parse_config(DistillConfig, argv))
+    cfg = parse_config(DistillConfig, argv)
+    _quiet_hub()
+    from mathrl.train.distill import run_distill
+
+    run_distill(cfg)
 
 
 def _traces(argv: Sequence[str]) -> None:
-    from mathrl.train.distill import TracesConfig, run_traces
+    from mathrl.train.configs import TracesConfig
 
-    if any(a in ("-h", "--help", "help") for a in argv):
+    if _wants_help(argv):
         print(config_help(TracesConfig, "mathrl traces"))
         return
-    run_traces(parse_config(TracesConfig, argv))
+    cfg = parse_config(TracesConfig, argv)
+    from mathrl.train.distill import run_traces
+
+    run_traces(cfg)
 
 
 def _env_help() -> str:
@@ -89,12 +112,16 @@ def _env_help() -> str:
 
     from mathrl.envs.registry import ENVS
 
+    width = max(shutil.get_terminal_size((100, 24)).columns, 40)
     lines = ["\nenvironments (env=NAME; options as env_args.KEY=VALUE):"]
     for name, spec in ENVS.items():
         lines.append(f"  {name}: {spec.description}")
         for f in fields(spec.options):
             default = f.default if f.default is not MISSING else "-"
-            lines.append(f"    env_args.{f.name:<14} = {default!s:<8} {f.metadata.get('help', '')}")
+            lines += textwrap.wrap(f"env_args.{f.name} = {default!s}", width - 1, initial_indent=" " * 4,
+                                   subsequent_indent=" " * 8)  # fmt: skip
+            lines += textwrap.wrap(f.metadata.get("help", ""), width - 1, initial_indent=" " * 8,
+                                   subsequent_indent=" " * 8)  # fmt: skip
     return "\n".join(lines)
 
 
@@ -109,14 +136,29 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `mathrl train --help | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
     # peft calls a transformers method that warns about its own rename; not actionable for users.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-V", "--version"):
+        print(f"mathrl {_version()}")
+        return 0
     if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
+        if args and args[0] not in ("-h", "--help"):
+            close = difflib.get_close_matches(args[0], COMMANDS, n=1)
+            hint = f"; did you mean `mathrl {close[0]}`?" if close else ""
+            print(f"mathrl: unknown command {args[0]!r}{hint}\n", file=sys.stderr)
         print("usage: mathrl <command> [key=value ...] [config=FILE]\n\ncommands:")
         for name, (_, text) in COMMANDS.items():
             print(f"  {name:<8} {text}")
-        print("\n`mathrl <command> --help` lists every key with its default.")
+        print("\n`mathrl <command> --help` lists every key with its default; `mathrl --version`.")
         return 0 if not args or args[0] in ("-h", "--help") else 2
     command, _ = COMMANDS[args[0]]
     from mathrl.runtime import tune_allocator
@@ -149,6 +191,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mathrl")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "(not installed)"
 
 
 def _lost_a_rank(error: RuntimeError) -> bool:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import shutil
+import textwrap
 import tomllib
 import types
 from collections.abc import Mapping, Sequence
@@ -264,10 +266,12 @@ def config_help(cls: type, prog: str) -> str:
         text += f" ({'; '.join(limits)})" if limits else ""
         text += f" Set one entry with {name}.KEY=VALUE." if _is_dict(tp) else ""
         rows.append((name, _type_name(tp), "(required)" if default is _ABSENT else f"= {_show(default)}", text))
-    w0, w1, w2 = (max(len(row[i]) for row in rows) for i in range(3))
+    width = max(shutil.get_terminal_size((100, 24)).columns, 40)
     lines = [f"usage: {prog} [config=FILE] [key=value ...]", "", "keys:"]
-    lines += [f"  {name:<{w0}}  {kind:<{w1}}  {default:<{w2}}  {text}" for name, kind, default, text in rows]
-    return "\n".join(line.rstrip() for line in lines) + "\n"
+    for name, kind, default, text in rows:
+        lines += textwrap.wrap(f"{name}  {kind}  {default}", width - 1, initial_indent="  ", subsequent_indent=" " * 6)
+        lines += textwrap.wrap(text, width - 1, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines) + "\n"
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

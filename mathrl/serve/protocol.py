@@ -8,13 +8,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mathrl import EMBEDDED_MODEL as _EMBEDDED_MODEL
 from mathrl.config import option
 from mathrl.tools.formats import PARSER_CHOICES
 from mathrl.types import Role
 
-# = mathrl.models.EMBEDDED_MODEL, spelled out because importing mathrl.models pulls in torch and
-# `mathrl serve --help` must stay fast (tests/test_serve.py checks that the two agree).
-_EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 # OpenAI's "developer" role is its newer name for "system".
 _ROLES: dict[str, Role] = {
     "system": "system",

@@ -27,75 +27,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from mathrl import traces as tr
-from mathrl.config import option
 from mathrl.data.datasets import DataError, load_problems, parse_fields, split_list
 from mathrl.eval.command import bench_name, generate_and_grade, model_backends
 from mathrl.eval.runner import EvalItem
-from mathrl.models import EMBEDDED_MODEL
-from mathrl.prompts import TINKER_SUFFIX, math_messages
+from mathrl.prompts import math_messages
 from mathrl.tracking import atomic_write_text, write_jsonl
+from mathrl.train.configs import AnswerFrom, DistillConfig, TracesConfig
 from mathrl.types import Problem
-
-AnswerFrom = Literal["field", "boxed", "hashes"]
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Every knob of ``mathrl distill``."""
-
-    model: str = field(
-        default=EMBEDDED_MODEL,
-        metadata=option("Teacher(s), comma-separated: hub id, local HF dir, mathrl checkpoint or run dir."),
-    )
-    labels: str = field(
-        default="", metadata=option("Teacher names (the traces' source), comma-separated (default: derived).")
-    )
-    datasets: str = field(default="gsm8k", metadata=option("Comma-separated dataset names or files to answer."))
-    split: str = field(default="train", metadata=option("Split of each dataset."))
-    data_dir: str = field(default="", metadata=option("Directory with the local dataset files (or $MATHRL_DATA_DIR)."))
-    fields: str = field(default="", metadata=option("Column mapping for files and hub ids, e.g. problem:question."))
-    answer_from: AnswerFrom = field(
-        default="field", metadata=option("Answer of files/hub ids: a field, boxed (solution), hashes (####).")
-    )
-    levels: str = field(default="", metadata=option("Keep only these levels, e.g. 4,5."))
-    subjects: str = field(default="", metadata=option("Keep only these subjects, comma-separated."))
-    limit: int = field(default=0, metadata=option("Only the first N problems of each dataset (0 = all).", min=0))
-    n: int = field(default=4, metadata=option("Samples per problem.", min=1))
-    temperature: float = field(default=0.7, metadata=option("Sampling temperature (0 = greedy).", min=0))
-    top_p: float = field(default=1.0, metadata=option("Nucleus sampling mass.", min=0, max=1))
-    max_tokens: int = field(default=2048, metadata=option("Max new tokens per sample.", min=1))
-    seed: int = field(default=0, metadata=option("Sampling seed (samples are drawn per problem from it)."))
-    suffix: str = field(default=TINKER_SUFFIX, metadata=option("Text appended to each problem."))
-    few_shot: int = field(default=0, metadata=option("Solved examples shown to the teacher (0-2).", min=0, max=2))
-    system_prompt: str = field(default="", metadata=option("Optional system message (kept in the traces)."))
-    style: str = field(default="", metadata=option("Answer extraction: boxed or gsm8k (default: by dataset)."))
-    keep_truncated: bool = field(
-        default=False, metadata=option("Also keep correct replies cut off at max_tokens as traces.")
-    )
-    dtype: Literal["bf16", "fp32"] = field(
-        default="bf16", metadata=option("Local weights: bf16 is faster on CPU; fp32 samples the same however batched.")
-    )
-    chunk_size: int = field(default=64, metadata=option("Problems per generation call (rows land per chunk).", min=1))
-    base_url: str = field(default="", metadata=option("OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."))
-    api_model: str = field(default="", metadata=option("Model name at base_url."))
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata=option("Env var holding the endpoint's API key."))
-    concurrency: int = field(default=8, metadata=option("Parallel requests to the endpoint.", min=1))
-    max_retries: int = field(default=5, metadata=option("Retries of a failed request (429, 5xx, network).", min=0))
-    timeout_s: float = field(default=300.0, metadata=option("Per-request timeout in seconds.", min=1))
-    grading_timeout: float = field(default=2.0, metadata=option("Wall-clock limit per answer comparison.", min=0.1))
-    output_dir: str = field(
-        default="", metadata=option("Where results go (default runs/distill-<time>); reuse to resume.")
-    )
-
 
 # What the samples depend on: a rerun into the same output_dir must not change these.
 _GENERATION_KEYS = ("split", "fields", "answer_from", "n", "temperature", "top_p", "max_tokens", "seed", "suffix",
@@ -278,39 +225,6 @@ def yield_table(report: Sequence[dict[str, Any]]) -> Table:
 
 
 # ----------------------------------------------------------------------------- mathrl traces
-
-
-@dataclass(frozen=True)
-class TracesConfig:
-    """Every knob of ``mathrl traces``: inputs -> drop exact duplicates -> sources -> lengths
-    -> per_problem -> shuffle -> output."""
-
-    output: str = field(metadata=option("The trace file to write (JSONL)."))
-    inputs: str = field(default="", metadata=option("Trace files to combine, comma-separated (earlier first)."))
-    from_dataset: str = field(
-        default="", metadata=option("Also turn these datasets' reference solutions into traces (comma-separated).")
-    )
-    split: str = field(default="train", metadata=option("from_dataset: split."))
-    data_dir: str = field(default="", metadata=option("from_dataset: directory with local dataset files."))
-    fields: str = field(default="", metadata=option("from_dataset: column mapping for files and hub ids."))
-    answer_from: AnswerFrom = field(default="field", metadata=option("from_dataset: where a file's answer is."))
-    levels: str = field(default="", metadata=option("from_dataset: keep only these levels, e.g. 4,5."))
-    subjects: str = field(default="", metadata=option("from_dataset: keep only these subjects."))
-    limit: int = field(default=0, metadata=option("from_dataset: first N problems of each (0 = all).", min=0))
-    suffix: str = field(default=TINKER_SUFFIX, metadata=option("from_dataset: text appended to each problem."))
-    system_prompt: str = field(default="", metadata=option("from_dataset: optional system message."))
-    sources: str = field(default="", metadata=option("Keep only traces from these sources, comma-separated."))
-    min_chars: int = field(default=0, metadata=option("Drop replies shorter than this many characters.", min=0))
-    max_chars: int = field(default=0, metadata=option("Drop replies longer than this (0 = no limit).", min=0))
-    max_tokens: int = field(default=0, metadata=option("Drop replies of more tokens (0 = no limit).", min=0))
-    tokenizer: str = field(
-        default=EMBEDDED_MODEL, metadata=option("Tokenizer counting max_tokens and from_dataset's num_tokens.")
-    )
-    per_problem: int = field(
-        default=0, metadata=option("Keep the first K traces of each problem (1 = dedup by problem; 0 = all).", min=0)
-    )
-    shuffle: bool = field(default=True, metadata=option("Shuffle the output."))
-    seed: int = field(default=0, metadata=option("Shuffle seed."))
 
 
 def run_traces(cfg: TracesConfig) -> list[tr.Trace]:

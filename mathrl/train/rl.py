@@ -26,10 +26,10 @@ import os
 import resource
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,13 +37,13 @@ from transformers import PreTrainedModel
 
 from mathrl import parallel
 from mathrl.checkpoint import latest_checkpoint, load_weights
-from mathrl.config import ConfigError, option
+from mathrl.config import ConfigError
 from mathrl.envs.base import GroupBuilder, SingleTurnBuilder
 from mathrl.envs.registry import make_dataset
 from mathrl.eval.metrics import summarize, test_metrics
 from mathrl.eval.runner import EvalItem, GenSettings, to_results
 from mathrl.eval.runner import evaluate as run_eval_items
-from mathrl.models import EMBEDDED_MODEL, base_of, check_model_name, eos_token_ids, load_model, load_tokenizer
+from mathrl.models import base_of, check_model_name, eos_token_ids, load_model, load_tokenizer
 from mathrl.parallel import World
 from mathrl.plots import plot_metrics
 from mathrl.rl.advantages import group_advantages, is_constant
@@ -54,124 +54,13 @@ from mathrl.rollout.metrics import group_metrics
 from mathrl.rollout.renderer import Renderer
 from mathrl.rollout.runner import run_groups
 from mathrl.rollout.sampler import Sampler, TorchSampler
-from mathrl.tools.formats import PARSER_CHOICES
 from mathrl.tracking import ProgressBar, write_jsonl
+from mathrl.train.configs import TrainConfig as TrainConfig  # re-exported
 from mathrl.train.run import Run, make_optimizer, make_policy, restore_optimizer, restore_weights, start_run
 from mathrl.train.run import save as checkpoint
 from mathrl.types import TrajectoryGroup
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every knob of ``mathrl train``; names follow tinker-cookbook."""
-
-    env: str = field(default="arithmetic", metadata=option("Environment name (see the env registry)."))
-    env_args: dict[str, Any] = field(
-        default_factory=dict, metadata=option("Env options, e.g. env_args.max_operand=20.")
-    )
-    model_name: str = field(
-        default=EMBEDDED_MODEL, metadata=option("HF hub id, local HF directory, or the embedded model.")
-    )
-    group_size: int = field(default=8, metadata=option("Completions sampled per problem.", min=1))
-    groups_per_batch: int = field(default=16, metadata=option("Problems per step.", min=1))
-    learning_rate: float = field(default=1e-3, metadata=option("AdamW peak learning rate.", min=0))
-    lr_schedule: Literal["constant", "linear"] = field(
-        default="linear", metadata=option("Decay to 0 over max_steps, or not.")
-    )
-    max_tokens: int = field(default=16, metadata=option("Max new tokens per completion.", min=1))
-    temperature: float = field(default=1.0, metadata=option("Sampling temperature during training.", min=0))
-    lora_rank: int = field(default=32, metadata=option("LoRA rank on all linear layers; 0 = full fine-tuning.", min=0))
-    lora_alpha: int | None = field(default=None, metadata=option("LoRA alpha (default: = lora_rank)."))
-    loss_fn: Literal["importance_sampling", "ppo"] = field(
-        default="importance_sampling", metadata=option("Policy loss.")
-    )
-    loss_agg: Literal["token_sum", "token_mean", "seq_mean"] = field(
-        default="token_mean", metadata=option("How per-token losses are combined.")
-    )
-    ppo_clip: float = field(default=0.2, metadata=option("Clip range of loss_fn=ppo.", min=0))
-    kl_penalty_coef: float = field(default=0.0, metadata=option("k3 KL penalty to the starting weights.", min=0))
-    normalize_advantages_by_std: bool = field(default=False, metadata=option("Divide advantages by the group std."))
-    remove_constant_reward_groups: bool = field(default=True, metadata=option("Drop groups with no reward spread."))
-    num_substeps: int = field(default=1, metadata=option("Optimizer steps per batch (minibatches).", min=1))
-    micro_batch_tokens: int = field(
-        default=4096, metadata=option("Tokens per forward/backward (memory only; a shared prompt counts once).", min=1)
-    )
-    max_grad_norm: float = field(default=1.0, metadata=option("Gradient clipping (0 = off).", min=0))
-    weight_decay: float = field(default=0.0, metadata=option("AdamW weight decay.", min=0))
-    max_steps: int = field(default=30, metadata=option("Training steps.", min=0))
-    max_turns: int = field(
-        default=10,
-        metadata=option("Most turns per episode (an env may end sooner: single-turn envs after one).", min=1),
-    )
-    tool_parser: str = field(
-        default="auto",
-        metadata=option("Tool-call format: auto (what the chat template writes, else hermes).", choices=PARSER_CHOICES),
-    )
-    eval_every: int = field(default=10, metadata=option("Test evaluation every N steps (0 = only at the end).", min=0))
-    eval_temperature: float = field(default=0.0, metadata=option("Test sampling temperature (0 = greedy).", min=0))
-    eval_n: int = field(default=1, metadata=option("Samples per test problem.", min=1))
-    save_every: int = field(default=20, metadata=option("Checkpoint every N steps (0 = only the final one).", min=0))
-    log_path: str | None = field(
-        default=None, metadata=option("Run directory (default runs/<env>-<time>); reused = resume.")
-    )
-    seed: int = field(default=0, metadata=option("Seed for data, sampling and LoRA init."))
-    train_bf16: bool = field(default=True, metadata=option("bf16 autocast for the training forward/backward."))
-    sample_dtype: Literal["bfloat16", "float32"] = field(default="bfloat16", metadata=option("Sampler weights dtype."))
-    device: str | None = field(default=None, metadata=option("cpu, cuda, ... (default: cuda if available)."))
-    num_threads: int | None = field(default=None, metadata=option("torch CPU threads (default: all cores)."))
-    sampler: str = field(
-        default="local",
-        metadata=option(
-            "Who generates: local (in this process) or remote (an OpenAI-compatible server at base_url that takes "
-            "token-id prompts and weight updates: vLLM or mathrl serve).",
-            choices=("local", "remote"),
-        ),
-    )
-    base_url: str = field(default="", metadata=option("sampler=remote: the server, e.g. http://127.0.0.1:8000/v1."))
-    api_model: str = field(
-        default="", metadata=option("sampler=remote: the served base model's name (it must serve model_name).")
-    )
-    max_off_policy_steps: int = field(
-        default=0,
-        metadata=option(
-            "0: sample each batch with the latest weights (synchronous); N: sampling runs up to N steps ahead of "
-            "training, overlapping it; groups sampled by weights older than N updates are dropped.",
-            min=0,
-        ),
-    )
-    is_cap: float | None = field(
-        default=None,
-        metadata=option(
-            "Truncate the token-level importance weight pi_train/pi_sampler at this value (0 = off; "
-            "default: off when synchronous, 2.0 when max_off_policy_steps > 0).",
-            min=0,
-        ),
-    )
-    parallel: str = field(
-        default="ddp",
-        metadata=option("Under torchrun: ddp (replicated weights) or fsdp (FSDP2, sharded).", choices=("ddp", "fsdp")),
-    )
-    gradient_checkpointing: bool = field(
-        default=False, metadata=option("Recompute activations in the backward (less memory, ~30% more compute).")
-    )
-    save_rollouts: bool = field(default=True, metadata=option("Write sampled rollouts per step to rollouts/."))
-    load_checkpoint_path: str | None = field(
-        default=None,
-        metadata=option(
-            "Start from these weights: a mathrl run (its latest checkpoint, e.g. an SFT run) or a checkpoint "
-            "directory; config.json records the checkpoint it resolved to. A log_path with checkpoints of its "
-            "own resumes from them (this must still name the same checkpoint)."
-        ),
-    )
-    load_checkpoint_mode: Literal["merge", "continue"] = field(
-        default="merge",
-        metadata=option(
-            "For a LoRA checkpoint: merge it into the base and add new adapters, or keep training the same "
-            "adapter (needs the same lora_rank and alpha)."
-        ),
-    )
 
 
 # Keys that may change between a run and its resumption without changing what it computes.

@@ -35,83 +35,28 @@ import os
 import resource
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from mathrl import parallel
 from mathrl.checkpoint import latest_checkpoint
-from mathrl.config import option
-from mathrl.models import EMBEDDED_MODEL, check_model_name, load_model, load_tokenizer
+from mathrl.models import check_model_name, load_model, load_tokenizer
 from mathrl.parallel import World
 from mathrl.plots import plot_metrics
 from mathrl.rl.batching import ActionScorer, Datum, collate, score
 from mathrl.tracking import ProgressBar
+from mathrl.train.configs import SFTConfig as SFTConfig  # re-exported
+from mathrl.train.configs import TrainOnWhat
 from mathrl.train.run import lr_multiplier as lr_multiplier  # re-exported: the schedule is shared
 from mathrl.train.run import make_optimizer, make_policy, restore_optimizer, restore_weights, start_run
 from mathrl.train.run import save as checkpoint
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-TrainOnWhat = Literal["all_assistant_messages", "last_assistant_message"]
-
-
-@dataclass(frozen=True)
-class SFTConfig:
-    """Every knob of ``mathrl sft``."""
-
-    train_file: str = field(metadata=option('Chat JSONL: one {"messages": [{"role", "content"}, ...]} per line.'))
-    test_file: str | None = field(
-        default=None, metadata=option("Held-out chat JSONL for test/nll (default: split off test_fraction).")
-    )
-    test_fraction: float = field(
-        default=0.05,
-        metadata=option("Share of problems held out when no test_file (seeded, by problem_id).", min=0, max=0.5),
-    )
-    model_name: str = field(
-        default=EMBEDDED_MODEL, metadata=option("HF hub id, local HF directory, or the embedded model.")
-    )
-    lora_rank: int = field(default=64, metadata=option("LoRA rank on all linear layers; 0 = full fine-tuning.", min=0))
-    lora_alpha: int | None = field(default=None, metadata=option("LoRA alpha (default: = lora_rank)."))
-    train_on_what: TrainOnWhat = field(
-        default="all_assistant_messages", metadata=option("Which assistant messages carry loss.")
-    )
-    max_length: int = field(default=2048, metadata=option("Max tokens per conversation; longer ones are cut.", min=2))
-    batch_size: int = field(default=16, metadata=option("Conversations per optimizer step.", min=1))
-    grad_accum_steps: int = field(
-        default=1, metadata=option("Forward/backward passes per step (memory only; same update).", min=1)
-    )
-    num_epochs: int = field(default=1, metadata=option("Passes over the training set.", min=1))
-    max_steps: int | None = field(
-        default=None, metadata=option("Stop after this many steps (default: num_epochs x steps per epoch).")
-    )
-    learning_rate: float = field(default=2e-4, metadata=option("AdamW peak learning rate.", min=0))
-    lr_schedule: Literal["linear", "cosine", "constant"] = field(
-        default="linear", metadata=option("Decay after warmup (reaching 0 at max_steps).")
-    )
-    warmup_steps: int = field(default=0, metadata=option("Linear warmup steps.", min=0))
-    weight_decay: float = field(default=0.0, metadata=option("AdamW weight decay.", min=0))
-    max_grad_norm: float = field(default=1.0, metadata=option("Gradient clipping (0 = off).", min=0))
-    eval_every: int = field(default=10, metadata=option("test/nll every N steps (0 = only at 0 and the end).", min=0))
-    save_every: int = field(default=20, metadata=option("Checkpoint every N steps (0 = only the final one).", min=0))
-    log_path: str | None = field(
-        default=None, metadata=option("Run directory (default runs/sft-<time>); reused = resume.")
-    )
-    seed: int = field(default=0, metadata=option("Seed for the data order, the held-out split and LoRA init."))
-    train_bf16: bool = field(default=True, metadata=option("bf16 autocast for the forward/backward."))
-    device: str | None = field(default=None, metadata=option("cpu, cuda, ... (default: cuda if available)."))
-    num_threads: int | None = field(default=None, metadata=option("torch CPU threads (default: all cores)."))
-    parallel: str = field(
-        default="ddp",
-        metadata=option("Under torchrun: ddp (replicated weights) or fsdp (FSDP2, sharded).", choices=("ddp", "fsdp")),
-    )
-    gradient_checkpointing: bool = field(
-        default=False, metadata=option("Recompute activations in the backward (less memory, ~30% more compute).")
-    )
 
 
 # Keys that may change between a run and its resumption without changing what it computes.
