@@ -167,6 +167,11 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         command(args[1:])
     except RuntimeError as e:
+        from mathrl.rollout.openai_backend import OpenAIBackendError
+
+        if isinstance(e, OpenAIBackendError):  # an endpoint that is down or refuses: one line, what to check
+            print(f"mathrl {args[0]}: error: {e} (check base_url and that the server is up)", file=sys.stderr)
+            return 2
         if not _lost_a_rank(e):
             raise
         print(

@@ -87,3 +87,19 @@ def test_unknown_command_suggests_the_closest_and_version_prints():
     assert result.returncode == 2 and "did you mean `mathrl train`?" in result.stderr
     version = _mathrl("--version")
     assert version.returncode == 0 and version.stdout.startswith("mathrl ")
+
+
+def test_an_unreachable_server_is_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = _mathrl(
+        "train", "sampler=remote", f"base_url=http://127.0.0.1:{port}/v1", "api_model=m", f"log_path={tmp_path / 'r'}",
+        "max_steps=1",
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("mathrl train: error: GET http://127.0.0.1:") and "check base_url" in last
+    assert not (tmp_path / "r").exists()  # checked before anything was created

@@ -42,7 +42,7 @@ import torch
 from mathrl.rollout.openai_backend import OpenAIBackend, OpenAIBackendError, _run_sync
 from mathrl.types import Completion, FinishReason
 
-__all__ = ["RemoteSampler"]
+__all__ = ["RemoteSampler", "check_server"]
 
 
 class RemoteSampler:
@@ -177,6 +177,19 @@ class RemoteSampler:
                 await self.api._post(client, payload, url=f"{self.root}{path}", json_reply=False)
 
         _run_sync(post())
+
+
+def check_server(base_url: str, model: str, timeout_s: float = 30.0) -> None:
+    """Fail fast, before any model is loaded: the server answers ``GET /models`` and serves ``model``."""
+    url = f"{base_url.rstrip('/')}/models"
+    try:
+        response = httpx.get(url, timeout=timeout_s)
+        response.raise_for_status()
+        served = [m.get("id") for m in response.json().get("data", [])]
+    except (httpx.HTTPError, ValueError, AttributeError) as e:
+        raise OpenAIBackendError(f"GET {url} failed ({type(e).__name__}: {e})") from None
+    if model not in served:
+        raise ValueError(f"api_model: {base_url} serves {', '.join(map(str, served)) or 'nothing'}, not {model!r}")
 
 
 class _Request:

@@ -280,6 +280,10 @@ def _check_sampler(cfg: TrainConfig) -> None:
         )
     if cfg.sampler == "local" and (cfg.base_url or cfg.api_model):
         raise ConfigError("base_url/api_model are for sampler=remote; pass sampler=remote or drop them")
+    if cfg.sampler == "remote":  # reachable and serving api_model, before anything is loaded or created
+        from mathrl.rollout.remote import check_server
+
+        check_server(cfg.base_url, cfg.api_model)
 
 
 def _make_sampler(cfg: TrainConfig, run: Run, start: Path | None, tokenizer: Any, device: torch.device) -> Sampler:
