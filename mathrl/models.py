@@ -9,7 +9,9 @@ model is the quantized-then-dequantized one, not the hub's bf16 weights, hence i
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 import shutil
 from pathlib import Path
@@ -60,6 +62,17 @@ def ensure_embedded_model() -> Path:
     tokenizer.save_pretrained(tmp)
     tmp.replace(target) if not target.exists() else shutil.rmtree(tmp)
     return target
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name ``model.forward`` takes its key/value cache by: ``cache`` in transformers >= 5.2x,
+    which warns on every call given the older ``past_key_values`` (the main job printed it 7 times)."""
+    return _cache_kwarg(type(model))  # type: ignore[arg-type]
+
+
+@functools.cache
+def _cache_kwarg(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"  # type: ignore[attr-defined]
 
 
 def check_model_name(name: str, key: str) -> None:

@@ -123,3 +123,19 @@ def test_gradient_through_shared_prefix_equals_unshared(tiny_model):
         if p.grad is not None:
             assert torch.allclose(shared[n], p.grad, atol=1e-5, rtol=1e-4), n
     tiny_model.zero_grad(set_to_none=True)
+
+
+def test_no_deprecated_cache_argument_warning(tiny_model):
+    # transformers >= 5.2x renamed past_key_values to cache and warned on every call: the main
+    # job printed the FutureWarning 7 times. The trainer's forward and the sampler pass the new name.
+    import warnings
+
+    from mathrl.rl.batching import Datum
+    from mathrl.rollout.sampler import TorchSampler
+
+    datums = [Datum((5, 6, 7, 8, 9), (False, False, False, True, True), (0, 0, 0, -1.0, -1.0), 1.0)] * 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        action_logprobs(tiny_model, collate(datums, 0))
+        TorchSampler(tiny_model, [1], pad_token_id=0).sample([[5, 6, 7]] * 2, max_tokens=3, temperature=1.0, seed=0)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

@@ -192,7 +192,7 @@ def action_logprobs(
     """
     from transformers import DynamicCache
 
-    from mathrl.models import base_of
+    from mathrl.models import base_of, cache_kwarg
 
     base = base_of(model)
     prefix_len_P = batch.prefix_mask_PL.sum(-1)
@@ -202,7 +202,7 @@ def action_logprobs(
         positions_PL = (batch.prefix_mask_PL.cumsum(-1) - 1).clamp(min=0)
         base.model(
             input_ids=batch.prefix_ids_PL, attention_mask=batch.prefix_mask_PL, position_ids=positions_PL,
-            past_key_values=cache, use_cache=True,
+            use_cache=True, **{cache_kwarg(base.model): cache},
         )  # fmt: skip
         cache.batch_select_indices(batch.prefix_index_B)  # differentiable: gradients sum over the copies
         mask_BT = torch.cat([batch.prefix_mask_PL[batch.prefix_index_B], batch.attention_mask_BT], dim=1)
@@ -211,7 +211,7 @@ def action_logprobs(
     )
     hidden_BTH = base.model(
         input_ids=batch.input_ids_BT, attention_mask=mask_BT, position_ids=positions_BT,
-        past_key_values=cache, use_cache=cache is not None,
+        use_cache=cache is not None, **{cache_kwarg(base.model): cache},
     ).last_hidden_state  # fmt: skip
     pred_mask_BT = batch.action_mask_BT[:, 1:] > 0  # position t-1 predicts token t
     hidden_NH = hidden_BTH[:, :-1][pred_mask_BT]

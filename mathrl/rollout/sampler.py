@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from mathrl.models import cache_kwarg
 from mathrl.types import Completion
 
 
@@ -165,7 +166,7 @@ class TorchSampler:
         if len(prompts) > 1 and shared > 0:
             self.model(
                 input_ids=torch.tensor([prompts[0][:shared]], device=dev),
-                past_key_values=cache,
+                **{cache_kwarg(self.model): cache},
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -186,7 +187,7 @@ class TorchSampler:
             input_ids=input_ids_UL.to(dev),
             attention_mask=mask_UL.to(dev),
             position_ids=positions_UL.to(dev),
-            past_key_values=cache,
+            **{cache_kwarg(self.model): cache},
             use_cache=True,
             logits_to_keep=1,
         )
@@ -231,7 +232,7 @@ class TorchSampler:
                 input_ids=tok_L[:, None].to(dev),
                 attention_mask=mask_BL.to(dev),
                 position_ids=next_pos_B[:, None].to(dev),
-                past_key_values=cache,
+                **{cache_kwarg(self.model): cache},
                 use_cache=True,
             )
             next_pos_B = next_pos_B + 1
