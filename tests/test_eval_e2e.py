@@ -43,6 +43,9 @@ def test_eval_writes_rows_summaries_and_an_ablation_table_and_resumes(tmp_path):
     run = _mathrl("eval", "benchmarks=gsm8k,math500", "model=embedded:SmolLM2-135M-Instruct,"
                   "embedded:SmolLM2-135M-Instruct", "labels=base,again", *common)  # fmt: skip
     assert "| base |" in run.stdout and "| again |" in run.stdout
+    table = [line for line in run.stdout.splitlines() if line.startswith("|")]  # stdout is a pipe here
+    assert len(table) >= 4 and all(line.endswith("|") for line in table)  # rows whole, not wrapped at 80
+    assert max(len(line) for line in table) > 80  # (this table is wider than that)
     rows = _jsonl(out / "base" / "gsm8k.jsonl")
     assert [r["id"] for r in rows] == ["gsm8k/test/0", "gsm8k/test/1", "gsm8k/test/2"]
     for row in rows:

@@ -60,7 +60,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, list[BenchmarkSummary]]:
             summary = _run_one(cfg, backend, label, bench, problems, out_dir / label.replace("/", "__"), console)
             results[label].append(summary)
     markdown = write_reports(out_dir, results)
-    console.print(markdown, markup=False, highlight=False)
+    console.print(markdown, markup=False, highlight=False, soft_wrap=True)  # rows whole, also when redirected
     console.print(f"\nresults: {out_dir}")
     return results
 
