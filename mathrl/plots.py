@@ -14,6 +14,27 @@ _CURVES = [
 ]
 
 
+def series(
+    rows: Sequence[dict[str, Any]], curves: Sequence[tuple[str, str, str]]
+) -> list[tuple[str, str, tuple[float, ...], tuple[float, ...]]]:
+    """(label, style, steps, values) of each curve with points. A curve equal to one before it
+    is not drawn again (it would hide exactly under it: train reward = train correct on
+    arithmetic); its label joins the first's, e.g. "train correct = train reward"."""
+    out: list[tuple[str, str, tuple[float, ...], tuple[float, ...]]] = []
+    for key, label, style in curves:
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if not points:
+            continue
+        xs, ys = (tuple(v) for v in zip(*points, strict=True))
+        same = next((i for i, (_, _, x, y) in enumerate(out) if (x, y) == (xs, ys)), None)
+        if same is None:
+            out.append((label, style, xs, ys))
+        else:
+            first = out[same]
+            out[same] = (f"{first[0]} = {label}", *first[1:])
+    return out
+
+
 def plot_metrics(
     rows: Sequence[dict[str, Any]],
     path: Path,
@@ -30,11 +51,8 @@ def plot_metrics(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for key, label, style in curves:
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, style, label=label, markersize=4)
+    for label, style, xs, ys in series(rows, curves):
+        ax.plot(xs, ys, style, label=label, markersize=4)
     ax.set_xlabel("step")
     if ylabel:
         ax.set_ylabel(ylabel)
