@@ -9,9 +9,30 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+
+def provenance() -> dict[str, str | None]:
+    """What produced a result: mathrl's version and, in a git checkout, the commit (with
+    ``-dirty`` when the tree has uncommitted changes)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mathrl_version: str | None = version("mathrl")
+    except PackageNotFoundError:
+        mathrl_version = None
+    source = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {"mathrl_version": mathrl_version, "git_sha": None}
+    return {"mathrl_version": mathrl_version, "git_sha": sha + ("-dirty" if dirty else "")}
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -48,6 +48,9 @@ def test_eval_writes_rows_summaries_and_an_ablation_table_and_resumes(tmp_path):
     assert max(len(line) for line in table) > 80  # (this table is wider than that)
     rows = _jsonl(out / "base" / "gsm8k.jsonl")
     assert [r["id"] for r in rows] == ["gsm8k/test/0", "gsm8k/test/1", "gsm8k/test/2"]
+    assert rows[0]["prompt"][-1]["role"] == "user" and rows[0]["prompt"][-1]["content"]  # what the model saw
+    summary = json.loads((out / "base" / "gsm8k.summary.json").read_text())
+    assert summary["model"] == "base" and summary["mathrl_version"] and "git_sha" in summary
     for row in rows:
         assert len(row["samples"]) == 2 and len(row["votes"]) == 2
         for sample in row["samples"]:

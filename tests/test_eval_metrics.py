@@ -331,3 +331,19 @@ def test_summarize_invalid():
     bad = ProblemResult("p1", (T, F), (1,), (3, 4), (F, F))
     with pytest.raises(ValueError, match="'p1'"):
         summarize("toy", [bad])
+
+
+def test_ablation_csv_keeps_pass_at_k_maj_at_k_and_the_no_answer_rate(tmp_path):
+    # ablation.csv had dropped pass@k, maj@k and the no-answer rate that ablation.json keeps.
+    import csv
+
+    from mathrl.eval.metrics import BenchmarkSummary
+    from mathrl.eval.report import write_reports
+
+    four = BenchmarkSummary("gsm8k", 10, 4, 0.5, 0.3, 0.7, {1: 0.5, 2: 0.6, 4: 0.8}, {1: 0.5, 2: 0.55, 4: 0.7},
+                            31.5, 0.1, 0.25)  # fmt: skip
+    one = BenchmarkSummary("gsm8k", 10, 1, 0.4, 0.2, 0.6, {1: 0.4}, {1: 0.4}, 20.0, 0.0, 0.05)
+    write_reports(tmp_path, {"rl": [four], "base": [one]})
+    rows = list(csv.DictReader((tmp_path / "ablation.csv").open()))
+    assert rows[0]["pass@4"] == "0.8000" and rows[0]["maj@2"] == "0.5500" and rows[0]["no_answer"] == "0.2500"
+    assert rows[1]["pass@4"] == "" and rows[1]["pass@1"] == "0.4000" and rows[1]["no_answer"] == "0.0500"

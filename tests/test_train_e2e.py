@@ -59,6 +59,9 @@ def test_two_grpo_steps_on_the_embedded_model(tmp_path):
     assert (run / "plot.png").stat().st_size > 1000
     rollouts = (run / "rollouts" / "step_000001.jsonl").read_text().splitlines()
     assert len(rollouts) == 12 and "What is" in json.loads(rollouts[0])["prompt"]
+    for row in map(json.loads, rollouts):  # what a sample was trained with, and why
+        assert {"advantage", "answer", "reference", "reward", "completion"} <= row.keys()
+        assert row["advantage"] is None or isinstance(row["advantage"], float)
     # The checkpoint is an ordinary peft adapter any tool can load.
     from peft import AutoPeftModelForCausalLM
 

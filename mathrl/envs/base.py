@@ -114,7 +114,9 @@ class SingleTurnEnv(Env):
             reward = float(grade.correct) + env.format_coef * (float(formatted) - 1.0)
             reward -= env.length_penalty * action.num_tokens / 1000
             metrics = answer_metrics(grade)
-            results.append(StepResult(reward, True, metrics=metrics, logs={"answer": grade.answer}))
+            results.append(
+                StepResult(reward, True, metrics=metrics, logs={"answer": grade.answer, "reference": env.reference})
+            )
         return results
 
 

@@ -160,7 +160,14 @@ class MathPythonEnv(Env):
             }
             if void and env.options.drop_void_turns:
                 metrics["drop_trajectory"] = 1.0
-            results.append(StepResult(float(grade.correct), True, metrics=metrics, logs={"answer": grade.answer}))
+            results.append(
+                StepResult(
+                    float(grade.correct),
+                    True,
+                    metrics=metrics,
+                    logs={"answer": grade.answer, "reference": env.reference},
+                )
+            )
         return results
 
     def _calls_tool(self, action: Action) -> bool:

@@ -37,7 +37,7 @@ from mathrl.eval.report import write_reports
 from mathrl.eval.runner import EvalItem, GenSettings, evaluate, items_from_problems, to_results
 from mathrl.models import EMBEDDED_MODEL, check_model_name
 from mathrl.rollout.backend import ChatBackend, LocalBackend
-from mathrl.tracking import atomic_write_text
+from mathrl.tracking import atomic_write_text, provenance
 
 _GENERATION_KEYS = ("split", "n", "temperature", "top_p", "max_tokens", "seed", "suffix", "few_shot",
                     "system_prompt", "style", "chunk_size", "limit", "tools", "tool_args", "tool_parser",
@@ -91,7 +91,8 @@ def _run_one(
 ) -> BenchmarkSummary:
     _, rows = generate_and_grade(cfg, _GENERATION_KEYS, backend, label, bench, problems, folder, console, cfg.regrade)
     summary = summarize(bench, to_results(rows))
-    atomic_write_text(folder / f"{bench}.summary.json", json.dumps(asdict(summary), indent=2) + "\n")
+    record = {**asdict(summary), "model": label, **provenance()}
+    atomic_write_text(folder / f"{bench}.summary.json", json.dumps(record, indent=2) + "\n")
     return summary
 
 

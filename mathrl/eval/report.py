@@ -78,22 +78,21 @@ def write_reports(out_dir: Path, results: Mapping[str, Sequence[BenchmarkSummary
     atomic_write_text(out_dir / "ablation.md", markdown + "\n\n" + details + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["model", "benchmark", "problems", "n", "pass@1", "ci_low", "ci_high", "mean_tokens", "truncated"])
+    every = [s for summaries in results.values() for s in summaries]
+    ks = sorted({k for s in every for k in s.pass_at} | {k for s in every for k in s.maj_at})
+    writer.writerow(
+        ["model", "benchmark", "problems", "n", "pass@1", "ci_low", "ci_high", "mean_tokens", "truncated",
+         "no_answer", *(f"pass@{k}" for k in ks), *(f"maj@{k}" for k in ks)]
+    )  # fmt: skip
     for label, summaries in results.items():
         for s in summaries:
+            at = [f"{s.pass_at[k]:.4f}" if k in s.pass_at else "" for k in ks]
+            maj = [f"{s.maj_at[k]:.4f}" if k in s.maj_at else "" for k in ks]
             writer.writerow(
-                [
-                    label,
-                    s.benchmark,
-                    s.problems,
-                    s.samples_per_problem,
-                    f"{s.pass1:.4f}",
-                    f"{s.pass1_low:.4f}",
-                    f"{s.pass1_high:.4f}",
-                    f"{s.mean_tokens:.1f}",
-                    f"{s.truncation_rate:.4f}",
-                ]
-            )
+                [label, s.benchmark, s.problems, s.samples_per_problem, f"{s.pass1:.4f}", f"{s.pass1_low:.4f}",
+                 f"{s.pass1_high:.4f}", f"{s.mean_tokens:.1f}", f"{s.truncation_rate:.4f}",
+                 f"{s.no_answer_rate:.4f}", *at, *maj]
+            )  # fmt: skip
     atomic_write_text(out_dir / "ablation.csv", buffer.getvalue())
     data = {label: [asdict(s) for s in summaries] for label, summaries in results.items()}
     atomic_write_text(out_dir / "ablation.json", json.dumps(data, indent=2) + "\n")

@@ -108,6 +108,7 @@ def evaluate(
         for item, samples in zip(chunk, per_item, strict=True):
             row = {
                 "id": item.id,
+                "prompt": [m.as_dict() for m in item.messages],  # empty for tool episodes: see the samples
                 "reference": item.reference,
                 "correct": [s["correct"] for s in samples],
                 "votes": vote_keys([s["answer"] for s in samples]),

@@ -216,7 +216,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             # 4. log, keep rollouts, checkpoint (logged first: a kill between the two redoes the step)
             if world.main:
                 if cfg.save_rollouts:
-                    _save_rollouts(log_path, step, groups, tokenizer)
+                    _save_rollouts(log_path, step, groups, tokenizer, cfg)
                 metrics |= {"progress/batch": step, "optim/lr": float(scheduler.get_last_lr()[0])}
                 metrics["time/step"] = time.time() - t_step
                 metrics["time/total"] = time.time() - run_start
@@ -513,15 +513,26 @@ def _step_seed(seed: int, step: int, purpose: str) -> int:
     return (seed * 1_000_003 + step * 7919 + {"train": 1, "eval": 2}[purpose]) % (2**63)
 
 
-def _save_rollouts(log_path: Path, step: int, groups: list[TrajectoryGroup], tokenizer: Any) -> None:
+def _save_rollouts(log_path: Path, step: int, groups: list[TrajectoryGroup], tokenizer: Any, cfg: TrainConfig) -> None:
+    """Every turn of the step's episodes: prompt, completion, reward, the advantage it was trained
+    with (None: its group had no reward spread and was dropped), and the env's logs (the
+    extracted answer and the reference; tool calls)."""
     folder = log_path / "rollouts"
     folder.mkdir(exist_ok=True)
     rows = []
     for g, group in enumerate(groups):
-        for traj in group.trajectories_G:
+        rewards_G = torch.tensor(group.rewards_G, dtype=torch.float32)
+        dropped = cfg.remove_constant_reward_groups and is_constant(rewards_G)
+        advantages = (
+            [None] * len(rewards_G)
+            if dropped
+            else group_advantages(rewards_G, cfg.normalize_advantages_by_std).tolist()
+        )
+        for traj, advantage in zip(group.trajectories_G, advantages, strict=True):
             for turn, tr in enumerate(traj.transitions):
                 rows.append({
                     "group": g, "turn": turn, "reward": tr.reward, "total_reward": traj.total_reward,
+                    "advantage": advantage,
                     "prompt": tokenizer.decode(tr.ob_tokens_T), "completion": tr.ac_text,
                     "finish_reason": tr.ac.finish_reason, **tr.metrics, **tr.logs,
                 })  # fmt: skip
