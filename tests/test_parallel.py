@@ -192,3 +192,45 @@ def _environ(pid: int) -> dict[str, str]:
     except OSError:
         return {}
     return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_model):
+    """gradient_checkpointing=true recomputes activations and drops the prompt sharing (the cache
+    cannot survive a recomputation): the update must not change."""
+    import copy
+    from dataclasses import replace
+
+    from mathrl import parallel
+    from mathrl.models import trained_weights, wrap_lora
+    from mathrl.rl.batching import ActionScorer, Datum, collate
+    from mathrl.train.rl import TrainConfig, _update, share_prefix
+    from mathrl.train.run import make_optimizer
+
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 97, (6,), generator=g).tolist()
+    datums = [
+        Datum((*prompt, 10 + i, 20 + i, 30), (False,) * 6 + (True,) * 3, (0.0,) * 6 + (-1.0, -2.0, -0.5),
+              float(i) - 1.5)
+        for i in range(4)
+    ]  # fmt: skip
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = copy.deepcopy(tiny_model).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy = wrap_lora(model, 4)
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        cfg = replace(TrainConfig(), learning_rate=1e-3, train_bf16=False, gradient_checkpointing=checkpointing)
+        optimizer, scheduler = make_optimizer(policy, cfg, 1)
+        initial = {k: v.detach().clone() for k, v in trained_weights(policy).items()}
+        batch = collate(datums, 0, share_prefix=share_prefix(cfg, parallel.World()))
+        assert (batch.prefix_ids_PL.shape[1] == 0) == checkpointing  # no prompt sharing under checkpointing
+        _update(ActionScorer(policy), policy, None, optimizer, scheduler, batch, cfg, torch.device("cpu"))
+        results.append({k: v.detach().clone() for k, v in trained_weights(policy).items()})
+    plain, recomputed = results
+    assert max(float((plain[k] - initial[k]).abs().max()) for k in plain) > 1e-4  # a real update
+    assert max(float((plain[k] - recomputed[k]).abs().max()) for k in plain) < 1e-6
