@@ -264,9 +264,9 @@ def run_train(run: str, out: Path, a: argparse.Namespace, vllm_extra: list[str],
         wall = time.time() - t0
         load1, busy1, (me1, kids1) = os.getloadavg(), machine_busy_s(), own_cpu_s()
         srv1 = server.cpu_s() if server else 0.0
-    if code != 0:
+    if code != 0:  # its steps so far are still summarised (marked partial in the tables)
         tail = (out / "logs" / f"train-{run}.log").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"mathrl train ({run}) exited with {code}:\n{tail}")
+        result["error"] = f"mathrl train ({run}) exited with {code}:\n{tail}"
     trainer, srv, me = kids1 - kids0, srv1 - srv0, me1 - me0
     result |= {
         "wall_s": wall, "loadavg_start": load0, "loadavg_end": load1,
@@ -453,7 +453,7 @@ def fmt(x: Any, spec: str = ".2f") -> str:
 
 
 def train_tables(results: dict[str, Any], quick: bool) -> str:
-    runs = {k: v for k, v in results.get("train", {}).items() if "summary" in v}
+    runs = {k: v for k, v in sorted(results.get("train", {}).items()) if "summary" in v}
     if not runs:
         return ""
     base = runs.get("a")
@@ -477,8 +477,9 @@ def train_tables(results: dict[str, Any], quick: bool) -> str:
         s = r["summary"]
         ratio = fmt(s["time_step"] / base["summary"]["time_step"]) if base else "-"
         wall_ratio = fmt(r["wall_s"] / base["wall_s"]) if base else "-"
+        what = r["what"] + (f" (PARTIAL: {s['steps']} steps)" if "error" in r or r.get("timed_out") else "")
         lines.append(
-            f"| ({k}) | {r['what']} | {fmt(s['time_step'])} | {fmt(s['time_sample'])} | {fmt(s['time_train'])} | "
+            f"| ({k}) | {what} | {fmt(s['time_step'])} | {fmt(s['time_sample'])} | {fmt(s['time_train'])} | "
             f"{fmt(s['time_wait_for_samples'])} | {fmt(s['time_eval_mean'])} | {fmt(r['wall_s'], '.0f')} | "
             f"{ratio} | {wall_ratio} |"
         )
@@ -645,6 +646,9 @@ def main() -> None:
                 log(f"main job ({run}): {RUNS[run]} ...")
                 try:
                     r = results["train"][run] = run_train(run, out, a, vllm_extra, log)
+                    if "error" in r:
+                        results["errors"][f"train-{run}"] = r["error"]
+                        log(f"  FAILED (steps so far kept): {r['error']}")
                     s, ev = r["summary"], r["summary"]["evals"]
                     log(f"  done in {r['wall_s']:.0f}s: {s['steps']} steps, median step {s['time_step']:.2f}s, "
                         f"final test {ev[max(ev)]['correct'] if ev else float('nan'):.3f}, "
