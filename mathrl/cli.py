@@ -6,6 +6,7 @@ import difflib
 import errno
 import os
 import shutil
+import signal
 import sys
 import textwrap
 import warnings
@@ -167,19 +168,28 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         command(args[1:])
     except RuntimeError as e:
+        if "torch" in sys.modules:  # first, and importing nothing: torchrun may stop this rank any moment
+            from mathrl import parallel
+
+            if parallel.lost_a_rank(e):
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # say it, then go
+                why = (
+                    f"was stopped ({e}: torchrun stops every rank when one fails or the job is interrupted)"
+                    if isinstance(e, parallel.RankStopped)
+                    else "lost contact with another rank, which died or was killed"
+                )
+                print(
+                    f"mathrl {args[0]}: error: rank {os.environ.get('RANK')} {why}; torchrun's report names the "
+                    "failed rank; rerun the same command to resume from the last checkpoint",
+                    file=sys.stderr,
+                )
+                return 1
         from mathrl.rollout.openai_backend import OpenAIBackendError
 
         if isinstance(e, OpenAIBackendError):  # an endpoint that is down or refuses: one line, what to check
             print(f"mathrl {args[0]}: error: {e} (check base_url and that the server is up)", file=sys.stderr)
             return 2
-        if not _lost_a_rank(e):
-            raise
-        print(
-            f"mathrl {args[0]}: error: rank {os.environ.get('RANK')} lost contact with another rank, which died or "
-            "was killed (torchrun's report names it); rerun the same command to resume from the last checkpoint",
-            file=sys.stderr,
-        )
-        return 1
+        raise
     except (ConfigError, ValueError, FileNotFoundError) as e:
         # User mistakes end with one line; ValueError subclasses from deeper down are bugs: traceback.
         if isinstance(e, ValueError) and type(e) not in (ValueError, ConfigError):
@@ -205,14 +215,6 @@ def _version() -> str:
         return version("mathrl")
     except PackageNotFoundError:  # run from a source tree that is not installed
         return "(not installed)"
-
-
-def _lost_a_rank(error: RuntimeError) -> bool:
-    """A collective failed because a peer process went away (under torchrun)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    text = str(error)
-    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "NCCL", "timed out"))
 
 
 if __name__ == "__main__":

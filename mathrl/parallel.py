@@ -9,14 +9,17 @@ sequences over the ranks (:func:`shard`) and scales the loss so the reduced grad
 of per-sequence terms with globally computed weights: the update equals one process's on the
 same global batch. Rank 0 alone generates, logs and writes checkpoints.
 
-A rank that dies: torchrun's agent sees the exit and stops the other ranks (no hang in a
-collective), and the job exits non-zero with the failed rank named; the other ranks' collectives
-also time out after ``MATHRL_DIST_TIMEOUT_S`` (default 600 s) if the agent cannot act.
+A rank that dies: torchrun's agent sees the exit and stops the other ranks with SIGTERM (no hang
+in a collective), and the job exits non-zero with the failed rank named. Each surviving rank ends
+with one line: it either saw its collective fail first (:func:`lost_a_rank`) or was stopped
+(:class:`RankStopped`), whichever came first. The collectives also time out after
+``MATHRL_DIST_TIMEOUT_S`` (default 600 s) if the agent cannot act.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -44,11 +47,31 @@ class World:
         return self.size > 1
 
 
+class RankStopped(RuntimeError):
+    """This rank got SIGTERM: under torchrun, the agent stopping the job because another rank failed."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # once: a second SIGTERM must not interrupt the unwinding
+    raise RankStopped(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def lost_a_rank(error: BaseException) -> bool:
+    """This rank ended because another one went away: stopped by the agent, or a collective failed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    text = str(error)
+    return isinstance(error, RankStopped) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "NCCL", "timed out")
+    )
+
+
 def init_world(device_type: str) -> World:
     """Join the process group torchrun describes in the environment (a no-op without it)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
+    signal.signal(signal.SIGTERM, _stop)  # unwinds (files are written atomically) to one line in the CLI
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         timeout = timedelta(seconds=float(os.environ.get("MATHRL_DIST_TIMEOUT_S", "600")))

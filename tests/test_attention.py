@@ -6,6 +6,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from mathrl.attention import register
+from mathrl.models import cache_kwarg
 
 
 def _pair():
@@ -34,10 +35,10 @@ def test_same_logits_with_padding_and_a_cache():
         )
         caches = [DynamicCache(), DynamicCache()]
         for model, cache in zip((eager, grouped), caches, strict=True):
-            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            model(ids, attention_mask=mask, use_cache=True, **{cache_kwarg(model): cache})
         step = torch.randint(3, 97, (3, 1))
         longer = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
-        a, b = (m(step, attention_mask=longer, past_key_values=c, use_cache=True).logits
+        a, b = (m(step, attention_mask=longer, use_cache=True, **{cache_kwarg(m): c}).logits
                 for m, c in zip((eager, grouped), caches, strict=True))  # fmt: skip
         assert torch.allclose(a, b, atol=1e-6)
 

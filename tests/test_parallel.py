@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -146,28 +147,54 @@ def test_torchrun_train_writes_once_resumes_and_matches_one_process(one_process_
     assert sum("optim/loss" in r for r in rows) >= 2  # steps did train
 
 
-@pytest.mark.slow
-def test_a_rank_that_dies_ends_the_job(tiny_dir, tmp_path):
-    run = tmp_path / "dies"
+def _start_and_wait_for_a_step(tiny_dir: Path, run: Path) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [*TORCHRUN, *_train_args(tiny_dir, run, "max_steps=200")],
         env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and _rows(run)):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    return proc
+
+
+def _rank_pid(proc: subprocess.Popen[str], rank: int) -> int:
+    pids = [pid for pid in _descendants(proc.pid) if _environ(pid).get("RANK") == str(rank)]
+    assert pids, f"no rank-{rank} worker found"
+    return pids[0]
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_job(tiny_dir, tmp_path):
+    proc = _start_and_wait_for_a_step(tiny_dir, tmp_path / "dies")
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not ((run / "metrics.jsonl").exists() and _rows(run)):
-            assert proc.poll() is None, proc.communicate()[1][-2000:]
-            time.sleep(0.2)
-        rank1 = [pid for pid in _descendants(proc.pid) if _environ(pid).get("RANK") == "1"]
-        assert rank1, "no rank-1 worker found"
-        os.kill(rank1[0], signal.SIGKILL)
+        os.kill(_rank_pid(proc, 1), signal.SIGKILL)
         t0 = time.time()
         _, err = proc.communicate(timeout=120)
         assert proc.returncode != 0
         assert time.time() - t0 < 60  # no hang in a collective
         assert "rank      : 1" in err and "Signal 9" in err  # torchrun names the dead rank and why
-        assert "mathrl train: error: rank 0 lost contact with another rank" in err  # one line, no traceback
-        assert "[rank0]: RuntimeError" not in err
+        # One line from rank 0, whichever came first: its collective failed or torchrun stopped it
+        # (CI once caught rank 0 importing its error path when torchrun's SIGTERM came).
+        line = r"mathrl train: error: rank 0 (lost contact with another rank|was stopped \(stopped by signal SIGTERM)"
+        assert re.search(line, err), err[-3000:]
+        assert "[rank0]: Traceback" not in err, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_rank_stopped_by_sigterm_says_so_in_one_line(tiny_dir, tmp_path):
+    # What torchrun sends the survivors when a rank fails, or every rank when the job is interrupted.
+    proc = _start_and_wait_for_a_step(tiny_dir, tmp_path / "stopped")
+    try:
+        os.kill(_rank_pid(proc, 0), signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert "mathrl train: error: rank 0 was stopped (stopped by signal SIGTERM" in err, err[-3000:]
+        assert "[rank0]: Traceback" not in err, err[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
