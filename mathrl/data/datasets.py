@@ -187,6 +187,8 @@ def _load_named(spec: DatasetSpec, split: str, data_dir: str | os.PathLike[str] 
         loaded = read_problems(local, source=spec.name)
     else:
         hub = spec.hub
+        if _datasets_module() is None:
+            raise DataError(_missing_data(spec.name, spec.files[split], hub.repo, data_dir))
         loaded = load_hub(hub.repo, hub.splits.get(split, split), hub.config, hub.fields, hub.answer_from, spec.name)
     return _without_math500(loaded, data_dir) if spec.exclude_math500 and split == "train" else loaded
 
@@ -202,6 +204,28 @@ def _without_math500(loaded: LoadedProblems, data_dir: str | os.PathLike[str] | 
     return LoadedProblems(
         kept, loaded.source, loaded.skipped_no_answer, loaded.excluded_overlap + len(loaded.problems) - len(kept)
     )
+
+
+def _missing_data(name: str, file_name: str, repo: str, data_dir: str | os.PathLike[str] | None) -> str:
+    """How to get a named dataset that has no local file and no hub client: both ways, with
+    where the file was looked for (no traceback, no guessing which extra is missing)."""
+    searched = [f"data_dir={data_dir}" if data_dir else "data_dir (not set)"]
+    env_dir = os.environ.get(DATA_DIR_ENV)
+    searched.append(f"${DATA_DIR_ENV}={env_dir}" if env_dir else f"${DATA_DIR_ENV} (not set)")
+    return (
+        f"dataset {name} needs its data: no local file {file_name} in {' or '.join(searched)}; put {file_name} in "
+        f"a directory given as data_dir=DIR or ${DATA_DIR_ENV}, or install the `datasets` package to download "
+        f"{repo} from the HF hub: pip install -e \".[hub]\" (a source checkout) or pip install 'mathrl[hub]'"
+    )
+
+
+def _datasets_module() -> Any:
+    """The HF ``datasets`` package, or None where it is not installed (the ``[hub]`` extra)."""
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return datasets
 
 
 def _local_file(file_name: str, data_dir: str | os.PathLike[str] | None) -> Path | None:
@@ -237,14 +261,20 @@ def load_hub(
     repo: str, split: str, config: str | None, fields: Mapping[str, str], answer_from: AnswerFrom, source: str
 ) -> LoadedProblems:
     """Problems of a hub dataset (needs the ``datasets`` package and internet)."""
-    try:
-        import datasets  # type: ignore[import-not-found]
-    except ImportError:
+    datasets = _datasets_module()
+    if datasets is None:
         raise DataError(
-            f"dataset {source}: no local file (set data_dir= or ${DATA_DIR_ENV}) and the `datasets` package "
-            f"is not installed to load {repo} from the hub (pip install 'mathrl[hub]')"
+            f"dataset {source}: loading {repo} from the HF hub needs the `datasets` package: "
+            f"pip install -e \".[hub]\" (a source checkout) or pip install 'mathrl[hub]'; or use a local file"
+        )
+    try:
+        rows = datasets.load_dataset(repo, config, split=split)
+    except Exception as e:  # no network, no such repo or split: one line, not the hub client's traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(
+            f"dataset {source}: could not load {repo} from the HF hub ({type(e).__name__}: {first}); "
+            f"download it where there is a network, or use a local file (data_dir=DIR or ${DATA_DIR_ENV})"
         ) from None
-    rows = datasets.load_dataset(repo, config, split=split)
     where = f"hf://{repo}" + (f"/{config}" if config else "") + f"[{split}]"
     return _to_problems(((i + 1, dict(r)) for i, r in enumerate(rows)), where, fields, answer_from, source)
 
@@ -329,9 +359,13 @@ def _to_problems(
                 source=source,
             )
         )
+    if not problems and not skipped:
+        raise DataError(f"{where}: the file has no rows; it needs one problem per row (with its answer)")
     if not problems:
-        hint = f"no row has a non-empty {column['answer']!r}" if skipped else "it has no rows"
-        raise DataError(f"{where}: no usable problems ({hint}; map the answer column with fields=answer:COLUMN)")
+        raise DataError(
+            f"{where}: no usable problems (no row has a non-empty {column['answer']!r}; "
+            "map the answer column with fields=answer:COLUMN)"
+        )
     return LoadedProblems(problems, where, skipped)
 
 

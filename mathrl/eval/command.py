@@ -19,7 +19,8 @@ whole conversation.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +28,14 @@ from typing import Any, Protocol
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from mathrl.data.datasets import DataError, load_problems
 from mathrl.envs.math_python import MathPythonEnv, ToolOptions, tool_messages
@@ -35,19 +43,23 @@ from mathrl.eval.config import EvalConfig as EvalConfig  # re-exported
 from mathrl.eval.metrics import BenchmarkSummary, summarize
 from mathrl.eval.report import write_reports
 from mathrl.eval.runner import EvalItem, GenSettings, evaluate, items_from_problems, to_results
-from mathrl.models import EMBEDDED_MODEL, check_model_name
+from mathrl.models import EMBEDDED_MODEL, check_model_name, load_tokenizer
+from mathrl.prompts import find_prompt_format
+from mathrl.report import report_safely
 from mathrl.rollout.backend import ChatBackend, LocalBackend
 from mathrl.tracking import atomic_write_text, provenance
 
 _GENERATION_KEYS = ("split", "n", "temperature", "top_p", "max_tokens", "seed", "suffix", "few_shot",
                     "system_prompt", "style", "chunk_size", "limit", "tools", "tool_args", "tool_parser",
-                    "max_turns")  # fmt: skip
+                    "max_turns", "prompt_format")  # fmt: skip
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, list[BenchmarkSummary]]:
     console = Console()
     benchmarks = [b.strip() for b in cfg.benchmarks.split(",") if b.strip()]
     problem_sets = {bench_name(b): _problems(cfg, b) for b in benchmarks}
+    if cfg.tools:
+        tool_options(cfg.tool_args)  # checked before anything is written, like the data and models
     backends = model_backends(cfg)  # data and models checked before anything is written
     out_dir = Path(cfg.output_dir or f"runs/eval-{datetime.now():%Y%m%d-%H%M%S}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -60,6 +72,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, list[BenchmarkSummary]]:
             summary = _run_one(cfg, backend, label, bench, problems, out_dir / label.replace("/", "__"), console)
             results[label].append(summary)
     markdown = write_reports(out_dir, results)
+    report_safely(out_dir)
     console.print(markdown, markup=False, highlight=False, soft_wrap=True)  # rows whole, also when redirected
     console.print(f"\nresults: {out_dir}")
     return results
@@ -124,10 +137,7 @@ def generate_and_grade(
             for item, problem in zip(items, problems, strict=True)
         ]
     gen = GenSettings(cfg.n, cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.seed, getattr(cfg, "max_turns", 10))
-    with Progress(
-        TextColumn(f"{label} / {name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as progress:
-        task = progress.add_task(name, total=len(items))
+    with problem_progress(f"{label} / {name}", len(items), console) as advance:
         rows = evaluate(
             backend,
             items,
@@ -135,10 +145,22 @@ def generate_and_grade(
             out_path=folder / f"{name}.jsonl",
             chunk_size=cfg.chunk_size,
             grading_timeout=cfg.grading_timeout,
-            on_chunk=lambda done, total: progress.update(task, completed=done),
+            on_progress=advance,
             regrade=regrade,
         )
     return items, rows
+
+
+@contextmanager
+def problem_progress(title: str, total: int, console: Console) -> Iterator[Callable[[int, int], None]]:
+    """A bar that moves as each problem is generated, with elapsed time and an ETA; yields the
+    ``on_progress(done, total)`` callback. Off when the console is not a terminal (a log file gets
+    the results, not bar redraws)."""
+    columns = (TextColumn(title), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+        task = progress.add_task(title, total=total)
+        yield lambda done, _total: progress.update(task, completed=done)
 
 
 def tool_options(args: dict[str, Any]) -> ToolOptions:
@@ -163,10 +185,14 @@ def _tool_item(item: EvalItem, question: str, options: ToolOptions) -> EvalItem:
     )  # fmt: skip
 
 
+_ADDED_KEYS = {"prompt_format": "chat"}
+"""Settings added after results were first recorded: what files written before them were made with."""
+
+
 def keep_settings(path: Path, settings: dict[str, Any], what: str) -> None:
     """Record the settings a results file is generated with; refuse to add to it with others."""
     if path.exists():
-        before = json.loads(path.read_text())
+        before = {**_ADDED_KEYS, **json.loads(path.read_text())}
         changed = sorted(k for k in settings if before.get(k) != settings[k])
         if changed:
             raise ValueError(
@@ -198,6 +224,8 @@ class ModelOptions(Protocol):
     def max_retries(self) -> int: ...
     @property
     def timeout_s(self) -> float: ...
+    @property
+    def prompt_format(self) -> str: ...
 
 
 def model_backends(cfg: ModelOptions) -> list[tuple[str, Any]]:
@@ -207,9 +235,22 @@ def model_backends(cfg: ModelOptions) -> list[tuple[str, Any]]:
     entries: list[tuple[str, Any]] = []
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     parser = getattr(cfg, "tool_parser", "auto")
+    fmt = find_prompt_format(cfg.prompt_format)
+    tools: str = getattr(cfg, "tools", "")  # mathrl distill has no tools
+    if fmt.render is not None and tools:
+        raise ValueError(f"prompt_format={fmt.name}: single-turn prompts only; tools=python needs prompt_format=chat")
+    if fmt.render is not None and cfg.base_url:
+        raise ValueError(
+            f"prompt_format={fmt.name}: for local models only (an endpoint renders chat messages with its own "
+            "template); leave base_url empty or use prompt_format=chat"
+        )
     for name in names:
         check_model_name(name, "model")
-        entries.append((name, lambda name=name: LocalBackend.load(name, dtype, tool_parser=parser)))
+        if Path(name).exists():  # a local model without a chat template is refused before anything is written
+            _check_tokenizer(name, fmt.name)
+        entries.append(
+            (name, lambda name=name: LocalBackend.load(name, dtype, tool_parser=parser, prompt_format=fmt.name))
+        )
     if cfg.base_url:
         if not cfg.api_model:
             raise ValueError("api_model: required with base_url (the model name the endpoint serves)")
@@ -228,6 +269,15 @@ def model_backends(cfg: ModelOptions) -> list[tuple[str, Any]]:
     if labels and len(labels) != len(entries):
         raise ValueError(f"labels: {len(labels)} labels for {len(entries)} models")
     return [(labels[i] if labels else _label(entries[i][0]), entries[i][1]) for i in range(len(entries))]
+
+
+def _check_tokenizer(name: str, prompt_format: str) -> None:
+    """Load a local model's tokenizer (a run's: its latest checkpoint's) to refuse early what
+    :func:`load_tokenizer` would refuse later (no chat template with prompt_format=chat)."""
+    from mathrl.checkpoint import resolve_checkpoint
+
+    path = resolve_checkpoint(name) if (Path(name) / "checkpoints.jsonl").exists() else Path(name)
+    load_tokenizer(str(path), prompt_format)
 
 
 def _label(name: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from mathrl import EMBEDDED_MODEL
 from mathrl.config import option
-from mathrl.prompts import TINKER_SUFFIX
+from mathrl.prompts import PROMPT_FORMAT_CHOICES, PROMPT_FORMAT_HELP, TINKER_SUFFIX
 from mathrl.tools.formats import PARSER_CHOICES
 
 
@@ -33,6 +33,9 @@ class EvalConfig:
     suffix: str = field(default=TINKER_SUFFIX, metadata=option("Text appended to each problem."))
     few_shot: int = field(default=0, metadata=option("Solved examples before each problem (0-2).", min=0, max=2))
     system_prompt: str = field(default="", metadata=option("Optional system message."))
+    prompt_format: str = field(
+        default="chat", metadata=option(PROMPT_FORMAT_HELP + ". Local models only.", choices=PROMPT_FORMAT_CHOICES)
+    )
     style: str = field(default="", metadata=option("Answer extraction: boxed or gsm8k (default: by benchmark)."))
     tools: str = field(
         default="",

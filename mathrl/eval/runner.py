@@ -78,12 +78,14 @@ def evaluate(
     out_path: Path | None = None,
     chunk_size: int = 64,
     grading_timeout: float = 2.0,
-    on_chunk: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
     regrade: bool = False,
 ) -> list[dict[str, Any]]:
     """Rows for ``items`` (in their order); with ``out_path``, resume from and append to it.
     ``regrade`` grades the finished rows' texts again with the current grader (after a
-    grader fix or a corrected reference) instead of trusting their stored verdicts."""
+    grader fix or a corrected reference) instead of trusting their stored verdicts.
+    ``on_progress(done, total)``: once with the problems already done, then as each problem's
+    samples are generated (mid-chunk where the backend reports it: a progress bar with an ETA)."""
     done: dict[str, dict[str, Any]] = {}
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,8 +95,16 @@ def evaluate(
             styles = {item.id: item.style for item in items}
             done = {pid: regraded(row, styles.get(pid, "boxed"), grading_timeout) for pid, row in done.items()}
             write_jsonl(out_path, list(done.values()))
-    if on_chunk is not None:
-        on_chunk(sum(item.id in done for item in items), len(items))
+    finished = sum(item.id in done for item in items)
+    if on_progress is not None:
+        on_progress(finished, len(items))
+
+    def one_done(_: int) -> None:
+        nonlocal finished
+        finished += 1
+        if on_progress is not None:
+            on_progress(finished, len(items))
+
     for start in range(0, len(items), chunk_size):
         chunk = [item for item in items[start : start + chunk_size] if item.id not in done]
         if not chunk:
@@ -102,8 +112,10 @@ def evaluate(
         t0 = time.time()
         if chunk[0].make_env is not None:
             per_item = _episodes(backend, chunk, settings)
+            for k in range(len(chunk)):  # episodes report per chunk
+                one_done(k)
         else:
-            per_item = _generated(backend, chunk, settings, grading_timeout)
+            per_item = _generated(backend, chunk, settings, grading_timeout, one_done if on_progress else None)
         seconds = round((time.time() - t0) / len(chunk), 3)
         for item, samples in zip(chunk, per_item, strict=True):
             row = {
@@ -118,15 +130,18 @@ def evaluate(
             done[item.id] = row
             if out_path is not None:
                 append_jsonl(out_path, row)
-        if on_chunk is not None:
-            on_chunk(sum(item.id in done for item in items), len(items))
     return [done[item.id] for item in items]
 
 
 def _generated(
-    backend: ChatBackend, chunk: Sequence[EvalItem], settings: GenSettings, grading_timeout: float
+    backend: ChatBackend,
+    chunk: Sequence[EvalItem],
+    settings: GenSettings,
+    grading_timeout: float,
+    on_done: Callable[[int], None] | None = None,
 ) -> list[list[dict[str, Any]]]:
-    """``settings.n`` single-turn replies per item, graded in one call, as sample dicts."""
+    """``settings.n`` single-turn replies per item, graded in one call, as sample dicts;
+    ``on_done(i)`` as item i's replies are generated."""
     samples = backend.generate(
         [item.messages for item in chunk],
         n=settings.n,
@@ -134,6 +149,7 @@ def _generated(
         temperature=settings.temperature,
         top_p=settings.top_p,
         seeds=[problem_seed(settings.seed, item.id) for item in chunk],
+        on_done=on_done,
     )
     flat = [(item, s) for item, outs in zip(chunk, samples, strict=True) for s in outs]
     graded = iter(

@@ -10,7 +10,7 @@ locally (:mod:`mathrl.rollout.runner`), message by message over HTTP.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -62,6 +62,7 @@ class ChatBackend(Protocol):
         seeds: Sequence[int] | None = None,
         tools: Sequence[Sequence[Tool]] | None = None,
         stop: Sequence[str] = (),
+        on_done: Callable[[int], None] | None = None,
     ) -> list[list[Sample]]:
         """``n`` replies to each conversation (``result[i][j]``: conversation i, sample j).
 
@@ -69,7 +70,8 @@ class ChatBackend(Protocol):
         ``seeds[i] + j``: the same reply however the conversations are batched or split
         (what evaluation needs to resume exactly). Without, ``seed`` seeds the call.
         ``tools[i]``: tools conversation i may call (their calls come back parsed);
-        ``stop``: strings that end a reply, left out of its text (OpenAI's ``stop``)."""
+        ``stop``: strings that end a reply, left out of its text (OpenAI's ``stop``);
+        ``on_done(i)``: called once conversation i has all its replies (a progress bar)."""
         ...
 
     def run_episodes(
@@ -97,12 +99,13 @@ class LocalBackend:
         max_batch: int = 256,
         tool_parser: str = "auto",
         sampler: Sampler | None = None,
+        prompt_format: str = "chat",
     ):
         """Generation with ``model`` in this process, or through ``sampler`` (e.g. the trainer's
         :class:`~mathrl.rollout.remote.RemoteSampler`) when given, with ``model`` only naming
-        the context length."""
+        the context length. ``prompt_format``: see :data:`mathrl.prompts.PROMPT_FORMATS`."""
         self.tokenizer = tokenizer
-        self.renderer = Renderer(tokenizer, tool_parser)
+        self.renderer = Renderer(tokenizer, tool_parser, prompt_format)
         self.sampler: Sampler = sampler or TorchSampler(
             model, eos_token_ids(tokenizer), int(tokenizer.pad_token_id), max_batch=max_batch, tokenizer=tokenizer
         )
@@ -110,11 +113,16 @@ class LocalBackend:
 
     @classmethod
     def load(
-        cls, model_name: str, dtype: torch.dtype = torch.bfloat16, max_batch: int = 256, tool_parser: str = "auto"
+        cls,
+        model_name: str,
+        dtype: torch.dtype = torch.bfloat16,
+        max_batch: int = 256,
+        tool_parser: str = "auto",
+        prompt_format: str = "chat",
     ) -> LocalBackend:
         """A hub id, a local HF directory, the embedded model, or a mathrl checkpoint/run."""
-        model, tokenizer = load_for_inference(model_name, dtype)
-        return cls(model, tokenizer, max_batch=max_batch, tool_parser=tool_parser)
+        model, tokenizer = load_for_inference(model_name, dtype, prompt_format)
+        return cls(model, tokenizer, max_batch=max_batch, tool_parser=tool_parser, prompt_format=prompt_format)
 
     def generate(
         self,
@@ -128,16 +136,22 @@ class LocalBackend:
         seeds: Sequence[int] | None = None,
         tools: Sequence[Sequence[Tool]] | None = None,
         stop: Sequence[str] = (),
+        on_done: Callable[[int], None] | None = None,
     ) -> list[list[Sample]]:
         toolsets = [tuple(t) for t in tools] if tools is not None else [()] * len(conversations)
         rendered = [self.renderer.initial_tokens(conv, ts) for conv, ts in zip(conversations, toolsets, strict=True)]
         prompts = [p for p in rendered for _ in range(n)]
         row_seeds = [seeds[i] + j for i in range(len(conversations)) for j in range(n)] if seeds else None
         stops = sorted({*stop, *(s for ts in toolsets for s in self.renderer.stop_strings(ts))})
+        per_row = on_done is not None and isinstance(self.sampler, TorchSampler)  # others: all at the end
+        progress = {"on_row_done": _per_conversation(on_done, n)} if on_done is not None and per_row else {}
         completions = self.sampler.sample(
             prompts, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, row_seeds=row_seeds,
-            stop=stops,
+            stop=stops, **progress,
         )  # fmt: skip
+        if on_done is not None and not progress:  # a sampler that cannot tell: all at once
+            for i in range(len(conversations)):
+                on_done(i)
         samples = []
         for k, c in enumerate(completions):
             action = self.renderer.parse(c, toolsets[k // n])
@@ -171,6 +185,20 @@ class LocalBackend:
             ]
             for traj in trajectories
         ]
+
+
+def _per_conversation(on_done: Callable[[int], None], n: int) -> Callable[[int], None]:
+    """A per-row callback (row k is sample k % n of conversation k // n) that calls ``on_done(i)``
+    once all ``n`` rows of conversation i have ended."""
+    left: dict[int, int] = {}
+
+    def row_done(k: int) -> None:
+        i = k // n
+        left[i] = left.get(i, n) - 1
+        if left[i] == 0:
+            on_done(i)
+
+    return row_done
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:

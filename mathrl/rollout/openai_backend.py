@@ -31,7 +31,7 @@ import asyncio
 import json
 import os
 import random
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
 
@@ -101,12 +101,14 @@ class OpenAIBackend:
         seeds: Sequence[int] | None = None,
         tools: Sequence[Sequence[Tool]] | None = None,
         stop: Sequence[str] = (),
+        on_done: Callable[[int], None] | None = None,
     ) -> list[list[Sample]]:
-        """``n`` replies to each conversation (``result[i][j]``: conversation i, sample j)."""
+        """``n`` replies to each conversation (``result[i][j]``: conversation i, sample j);
+        ``on_done(i)`` as conversation i's response arrives."""
         return _run_sync(
             self.agenerate(
                 conversations, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                seeds=seeds, tools=tools, stop=stop,
+                seeds=seeds, tools=tools, stop=stop, on_done=on_done,
             )
         )  # fmt: skip
 
@@ -122,6 +124,7 @@ class OpenAIBackend:
         seeds: Sequence[int] | None = None,
         tools: Sequence[Sequence[Tool]] | None = None,
         stop: Sequence[str] = (),
+        on_done: Callable[[int], None] | None = None,
     ) -> list[list[Sample]]:
         """:meth:`generate` for callers that already run an event loop. The first failure cancels the rest."""
         semaphore = asyncio.Semaphore(self.concurrency)
@@ -136,7 +139,10 @@ class OpenAIBackend:
                 )  # fmt: skip
                 async with semaphore:
                     body = await self._post(client, payload)
-                return _samples(body, n, self.url)
+                samples = _samples(body, n, self.url)
+                if on_done is not None:
+                    on_done(i)
+                return samples
 
             try:
                 async with asyncio.TaskGroup() as group:

@@ -26,6 +26,12 @@ assistant tool calls written out in that format, and each tool result as a user 
 (:meth:`ToolFormat.wrap_result`: ``<tool_response>\\n...\\n</tool_response>``, or an
 ``output`` code block). Either way sampling stops at the end of a call (``</tool_call>``, or a
 code block's closing fence), so the model cannot go on to invent the tool's answer.
+
+Plain text (``prompt_format=plain``, :data:`mathrl.prompts.PROMPT_FORMATS`): for a model without
+a chat template, the first observation is the format's text tokenized as the tokenizer does by
+default (a BOS token where the model uses one; no chat special tokens); the reply stops at the
+format's stop string as well as the end-of-text token, and that stop string is cut from its
+text. Single-turn only: no tools, no bridges.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from mathrl.prompts import PromptFormat, find_prompt_format, no_chat_template
 from mathrl.tools.formats import FORMATS, Tool, ToolFormat, format_for_template
 from mathrl.types import Action, Completion, Message
 
@@ -46,11 +53,15 @@ class Renderer:
     """Chat template + tool-call format of one tokenizer.
 
     ``tool_parser``: ``auto`` (the format the template writes calls in; hermes when it has
-    no tool support) or a name from :data:`mathrl.tools.formats.FORMATS`.
+    no tool support) or a name from :data:`mathrl.tools.formats.FORMATS`. ``prompt_format``:
+    ``chat`` (the template) or a plain-text format of :data:`mathrl.prompts.PROMPT_FORMATS`.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, tool_parser: str = "auto"):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, tool_parser: str = "auto", prompt_format: str = "chat"):
         self.tokenizer = tokenizer
+        self.prompt_format: PromptFormat = find_prompt_format(prompt_format)
+        if self.prompt_format.render is None and not tokenizer.chat_template:
+            raise ValueError(no_chat_template(str(getattr(tokenizer, "name_or_path", "") or "this model")))
         if tool_parser != "auto" and tool_parser not in FORMATS:
             raise ValueError(f"tool_parser: expected auto or one of {', '.join(FORMATS)}, got {tool_parser!r}")
         template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
@@ -95,6 +106,9 @@ class Renderer:
         return [{k: v for k, v in m.items() if k != "_tool_results"} for m in out]
 
     def render_text(self, messages: Sequence[Message], tools: Sequence[Tool], generation_prompt: bool) -> str:
+        if self.prompt_format.render is not None:
+            _single_turn(self.prompt_format, tools)
+            return self.prompt_format.render(messages)
         kwargs: dict[str, Any] = {"tools": [t.as_dict() for t in tools]} if tools and self.native_tools else {}
         text = self.tokenizer.apply_chat_template(
             self.template_messages(messages, tools), tokenize=False, add_generation_prompt=generation_prompt, **kwargs
@@ -103,6 +117,9 @@ class Renderer:
 
     def initial_tokens(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> list[int]:
         """The first observation: ``messages`` (and the tools) with the assistant header."""
+        if self.prompt_format.render is not None:  # plain text: the tokenizer's own tokens, no template
+            _single_turn(self.prompt_format, tools)
+            return list(self.tokenizer(self.prompt_format.render(messages))["input_ids"])
         kwargs: dict[str, Any] = {"tools": [t.as_dict() for t in tools]} if tools and self.native_tools else {}
         tokens = self.tokenizer.apply_chat_template(
             self.template_messages(messages, tools), tokenize=True, add_generation_prompt=True,
@@ -121,6 +138,8 @@ class Renderer:
         """Tokens to append after ``completion``'s: the end of this assistant turn, then
         ``next_messages``, then the next assistant header. ``history`` is the conversation
         before this turn (only its roles and tool calls matter)."""
+        if self.prompt_format.render is not None:
+            raise ValueError(_SINGLE_TURN.format(name=self.prompt_format.name))
         skeleton = [_skeleton(m) for m in history]
         turn = Message("assistant", _PLACEHOLDER, tool_calls=action.message.tool_calls)
         closed = self.render_text([*skeleton, Message("assistant", _PLACEHOLDER)], tools, False)
@@ -155,6 +174,8 @@ class Renderer:
         """The sampled tokens as an env action: decoded text, content and tool calls."""
         text = str(self.tokenizer.decode(list(completion.tokens_T), skip_special_tokens=True))
         truncated = completion.finish_reason == "length"
+        cuts = [i for i in (text.find(s) for s in self.prompt_format.stop) if i >= 0]
+        text = text[: min(cuts)] if cuts else text  # "\nUser:": the model began a turn of its own
         if not tools:
             return Action(text, Message("assistant", text), (), len(completion.tokens_T), truncated)
         parsed = self.format.parse(text, tools, id_prefix=f"call_{turn}")
@@ -162,8 +183,20 @@ class Renderer:
         return Action(text, message, parsed.errors, len(completion.tokens_T), truncated)
 
     def stop_strings(self, tools: Sequence[Tool]) -> tuple[str, ...]:
-        """Where sampling stops besides the end-of-turn token: the end of a tool call."""
-        return (self.format.call_end,) if tools else ()
+        """Where sampling stops besides the end-of-turn token: the end of a tool call, or where a
+        plain-text prompt format's reply would start the next turn."""
+        return (self.format.call_end,) if tools else self.prompt_format.stop
+
+
+_SINGLE_TURN = (
+    "prompt_format={name} renders single-turn prompts only (no tools, no later turns); "
+    "tool use needs prompt_format=chat and a model with a chat template"
+)
+
+
+def _single_turn(fmt: PromptFormat, tools: Sequence[Tool]) -> None:
+    if tools:
+        raise ValueError(_SINGLE_TURN.format(name=fmt.name))
 
 
 def _skeleton(message: Message) -> Message:

@@ -20,7 +20,7 @@ at temperature 0 (greedy) they are the temperature-1 logprobs of the chosen toke
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -95,17 +95,20 @@ class TorchSampler:
         top_p: float = 1.0,
         row_seeds: Sequence[int] | None = None,
         stop: Sequence[str] = (),
+        on_row_done: Callable[[int], None] | None = None,
     ) -> list[Completion]:
         """One completion per prompt. ``seed`` seeds one random stream for the whole call;
         with ``row_seeds`` each prompt draws from its own stream instead, so its sample does
         not depend on what else is in the batch (evaluation, serving). A row also ends once
-        its text contains one of the ``stop`` strings (kept in the completion)."""
+        its text contains one of the ``stop`` strings (kept in the completion).
+        ``on_row_done(i)`` is called as prompt i's row ends, while the others still decode
+        (progress bars that move per problem, not per call)."""
         if row_seeds is not None and len(row_seeds) != len(prompts):
             raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {len(prompts)} prompts")
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need the sampler's tokenizer (TorchSampler(..., tokenizer=...))")
         with self._lock:
-            return self._sample(prompts, max_tokens, temperature, seed, top_p, row_seeds, tuple(stop))
+            return self._sample(prompts, max_tokens, temperature, seed, top_p, row_seeds, tuple(stop), on_row_done)
 
     def _sample(
         self,
@@ -116,6 +119,7 @@ class TorchSampler:
         top_p: float,
         row_seeds: Sequence[int] | None,
         stop: tuple[str, ...],
+        on_row_done: Callable[[int], None] | None = None,
     ) -> list[Completion]:
         generator = torch.Generator().manual_seed(seed)
         results: list[Completion | None] = [None] * len(prompts)
@@ -139,7 +143,9 @@ class TorchSampler:
                 if row_seeds is not None
                 else None
             )
-            outs = self._sample_chunk(chunk, max_tokens, temperature, top_p, rows or generator, stop)
+            flat = [i for _, ix in chunk for i in ix]  # the prompt index of each of the chunk's rows
+            done = (lambda b, flat=flat: on_row_done(flat[b])) if on_row_done is not None else None
+            outs = self._sample_chunk(chunk, max_tokens, temperature, top_p, rows or generator, stop, done)
             for (_, ix), comps in zip(chunk, outs, strict=True):
                 for i, c in zip(ix, comps, strict=True):
                     results[i] = c
@@ -155,6 +161,7 @@ class TorchSampler:
         top_p: float,
         generator: torch.Generator | list[torch.Generator],
         stop: tuple[str, ...] = (),
+        on_row_done: Callable[[int], None] | None = None,
     ) -> list[list[Completion]]:
         # Bookkeeping lives on the CPU; what the model reads is moved to its device.
         dev = self.model.device
@@ -218,6 +225,9 @@ class TorchSampler:
             if stop:
                 ended_L |= ~done_L & self._hit_stop(tokens_BT[live, max(0, steps - window) : steps], stop)
             ends_B[live[ended_L]] = steps
+            if on_row_done is not None:
+                for b in live[ended_L].tolist():
+                    on_row_done(b)
             done_L = done_L | ended_L
             if bool(done_L.all()) or step == max_tokens - 1:
                 break
@@ -237,6 +247,9 @@ class TorchSampler:
             )
             next_pos_B = next_pos_B + 1
             logits_BV = out.logits[:, -1]
+        if on_row_done is not None:  # rows cut off at max_tokens end here
+            for b in (ends_B < 0).nonzero().squeeze(-1).tolist():
+                on_row_done(b)
         tokens_BT, logprobs_BT = tokens_BT[:, :steps], logprobs_BT[:, :steps]
         completions = [_to_completion(tokens_BT[b], logprobs_BT[b], int(ends_B[b])) for b in range(batch)]
         grouped, start = [], 0

@@ -8,11 +8,26 @@ from typing import Any, Literal
 
 from mathrl import EMBEDDED_MODEL
 from mathrl.config import option
-from mathrl.prompts import TINKER_SUFFIX
+from mathrl.prompts import PROMPT_FORMAT_CHOICES, PROMPT_FORMAT_HELP, TINKER_SUFFIX
 from mathrl.tools.formats import PARSER_CHOICES
 
 TrainOnWhat = Literal["all_assistant_messages", "last_assistant_message"]
 AnswerFrom = Literal["field", "boxed", "hashes"]
+
+# The trackers of mathrl train and mathrl sft (mathrl.tracking.TRACKERS): the same keys and steps
+# as metrics.jsonl, from rank 0. Declared once, added to both configs with tracker_option(key).
+_TRACKER_HELP = {
+    "wandb_project": "Also log to this Weights & Biases project (extra [wandb]; WANDB_MODE=offline: "
+    "no network, the run stays in log_path/wandb). A resumed run continues the same wandb run.",
+    "wandb_name": "wandb run name (default: log_path's directory name).",
+    "tensorboard_dir": "Also write TensorBoard event files to this directory (extra [tensorboard]); "
+    "a resumed run continues in it.",
+}
+
+
+def tracker_option(key: str) -> Any:
+    """The dataclass field of tracker option ``key`` (off by default)."""
+    return field(default="", metadata=option(_TRACKER_HELP[key]))
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,10 @@ class TrainConfig:
         default="auto",
         metadata=option("Tool-call format: auto (what the chat template writes, else hermes).", choices=PARSER_CHOICES),
     )
+    prompt_format: str = field(
+        default="chat",
+        metadata=option(PROMPT_FORMAT_HELP + ". plain: single-turn envs only.", choices=PROMPT_FORMAT_CHOICES),
+    )
     eval_every: int = field(default=10, metadata=option("Test evaluation every N steps (0 = only at the end).", min=0))
     eval_temperature: float = field(default=0.0, metadata=option("Test sampling temperature (0 = greedy).", min=0))
     eval_n: int = field(default=1, metadata=option("Samples per test problem.", min=1))
@@ -68,6 +87,9 @@ class TrainConfig:
     log_path: str | None = field(
         default=None, metadata=option("Run directory (default runs/<env>-<time>); reused = resume.")
     )
+    wandb_project: str = tracker_option("wandb_project")
+    wandb_name: str = tracker_option("wandb_name")
+    tensorboard_dir: str = tracker_option("tensorboard_dir")
     seed: int = field(default=0, metadata=option("Seed for data, sampling and LoRA init."))
     train_bf16: bool = field(default=True, metadata=option("bf16 autocast for the training forward/backward."))
     sample_dtype: Literal["bfloat16", "float32"] = field(default="bfloat16", metadata=option("Sampler weights dtype."))
@@ -146,6 +168,10 @@ class SFTConfig:
     train_on_what: TrainOnWhat = field(
         default="all_assistant_messages", metadata=option("Which assistant messages carry loss.")
     )
+    prompt_format: str = field(
+        default="chat",
+        metadata=option(PROMPT_FORMAT_HELP + ". plain: the last reply carries loss.", choices=PROMPT_FORMAT_CHOICES),
+    )
     max_length: int = field(default=2048, metadata=option("Max tokens per conversation; longer ones are cut.", min=2))
     batch_size: int = field(default=16, metadata=option("Conversations per optimizer step.", min=1))
     grad_accum_steps: int = field(
@@ -167,6 +193,9 @@ class SFTConfig:
     log_path: str | None = field(
         default=None, metadata=option("Run directory (default runs/sft-<time>); reused = resume.")
     )
+    wandb_project: str = tracker_option("wandb_project")
+    wandb_name: str = tracker_option("wandb_name")
+    tensorboard_dir: str = tracker_option("tensorboard_dir")
     seed: int = field(default=0, metadata=option("Seed for the data order, the held-out split and LoRA init."))
     train_bf16: bool = field(default=True, metadata=option("bf16 autocast for the forward/backward."))
     device: str | None = field(default=None, metadata=option("cpu, cuda, ... (default: cuda if available)."))
@@ -209,6 +238,9 @@ class DistillConfig:
     suffix: str = field(default=TINKER_SUFFIX, metadata=option("Text appended to each problem."))
     few_shot: int = field(default=0, metadata=option("Solved examples shown to the teacher (0-2).", min=0, max=2))
     system_prompt: str = field(default="", metadata=option("Optional system message (kept in the traces)."))
+    prompt_format: str = field(
+        default="chat", metadata=option(PROMPT_FORMAT_HELP + ". Local teachers only.", choices=PROMPT_FORMAT_CHOICES)
+    )
     style: str = field(default="", metadata=option("Answer extraction: boxed or gsm8k (default: by dataset)."))
     keep_truncated: bool = field(
         default=False, metadata=option("Also keep correct replies cut off at max_tokens as traces.")

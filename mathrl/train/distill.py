@@ -40,21 +40,18 @@ from mathrl.data.datasets import DataError, load_problems, parse_fields, split_l
 from mathrl.eval.command import bench_name, generate_and_grade, model_backends
 from mathrl.eval.runner import EvalItem
 from mathrl.prompts import math_messages
+from mathrl.report import report_safely
 from mathrl.tracking import atomic_write_text, write_jsonl
 from mathrl.train.configs import AnswerFrom, DistillConfig, TracesConfig
 from mathrl.types import Problem
 
 # What the samples depend on: a rerun into the same output_dir must not change these.
 _GENERATION_KEYS = ("split", "fields", "answer_from", "n", "temperature", "top_p", "max_tokens", "seed", "suffix",
-                    "few_shot", "system_prompt", "style", "dtype", "chunk_size")  # fmt: skip
+                    "few_shot", "system_prompt", "style", "dtype", "chunk_size", "prompt_format")  # fmt: skip
 
 
 def run_distill(cfg: DistillConfig) -> Path:
     """Generate, grade, write traces and the yield report; returns the output directory."""
-    out_dir = Path(cfg.output_dir or f"runs/distill-{datetime.now():%Y%m%d-%H%M%S}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
-    console = Console()
     names = [d.strip() for d in cfg.datasets.split(",") if d.strip()]
     if not names:
         raise ValueError("datasets: expected at least one dataset name or file")
@@ -64,9 +61,14 @@ def run_distill(cfg: DistillConfig) -> Path:
         )
         for name in names
     }
+    backends = model_backends(cfg)  # data and teachers checked before anything is written
+    out_dir = Path(cfg.output_dir or f"runs/distill-{datetime.now():%Y%m%d-%H%M%S}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+    console = Console()
     traces: list[tr.Trace] = []
     report: list[dict[str, Any]] = []
-    for label, make_backend in model_backends(cfg):
+    for label, make_backend in backends:
         backend = make_backend()
         for dataset, problems in problem_sets.items():
             folder = out_dir / label.replace("/", "__")
@@ -82,6 +84,7 @@ def run_distill(cfg: DistillConfig) -> Path:
         report += [_total(t, [r for r in report if r["teacher"] == t]) for t in teachers]
     atomic_write_text(out_dir / "yield.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out_dir / "yield.md", yield_markdown(report))
+    report_safely(out_dir)
     console.print(yield_table(report))
     console.print(f"{len(traces)} traces: {out_dir / 'traces.jsonl'}")
     return out_dir

@@ -46,6 +46,8 @@ from mathrl.eval.runner import evaluate as run_eval_items
 from mathrl.models import base_of, check_model_name, eos_token_ids, load_model, load_tokenizer
 from mathrl.parallel import World
 from mathrl.plots import plot_metrics
+from mathrl.prompts import find_prompt_format
+from mathrl.report import report_safely
 from mathrl.rl.advantages import group_advantages, is_constant
 from mathrl.rl.batching import ActionScorer, Batch, Datum, action_logprobs, collate, score, trajectory_datums
 from mathrl.rl.losses import AGGREGATIONS, LOSSES, kl_k3
@@ -54,7 +56,7 @@ from mathrl.rollout.metrics import group_metrics
 from mathrl.rollout.renderer import Renderer
 from mathrl.rollout.runner import run_groups
 from mathrl.rollout.sampler import Sampler, TorchSampler
-from mathrl.tracking import ProgressBar, write_jsonl
+from mathrl.tracking import ProgressBar, closes_trackers, write_jsonl
 from mathrl.train.configs import TrainConfig as TrainConfig  # re-exported
 from mathrl.train.run import Run, make_optimizer, make_policy, restore_optimizer, restore_weights, start_run
 from mathrl.train.run import save as checkpoint
@@ -75,6 +77,7 @@ _RESUMABLE_CHANGES = {
 }
 
 
+@closes_trackers
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Run (or resume) GRPO; return the run directory."""
     check_model_name(cfg.model_name, "model_name")  # before anything is created
@@ -82,13 +85,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     start = _starting_checkpoint(cfg)
     cfg = replace(cfg, load_checkpoint_path=str(start) if start else None)  # config.json: what was loaded
     dataset, env_options = make_dataset(cfg.env, cfg.env_args, cfg.groups_per_batch, cfg.seed)
+    if find_prompt_format(cfg.prompt_format).render is not None and hasattr(env_options, "sandbox"):
+        raise ConfigError(f"prompt_format={cfg.prompt_format}: single-turn envs only; env={cfg.env} (tool calls) "
+                          "needs prompt_format=chat and a model with a chat template")  # fmt: skip
+    tokenizer = load_tokenizer(cfg.model_name, cfg.prompt_format)  # no chat template: refused before log_path
     resolved = {"sandbox": _sandbox_isolation(env_options)} if hasattr(env_options, "sandbox") else {}
     cfg, run = start_run(cfg, f"runs/{cfg.env}-{datetime.now():%Y%m%d-%H%M%S}", _RESUMABLE_CHANGES, resolved)
     world, device, log_path = run.world, run.device, run.log_path
 
     # --- model, sampler, data -------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.model_name)
-    renderer = Renderer(tokenizer, cfg.tool_parser)
+    renderer = Renderer(tokenizer, cfg.tool_parser, cfg.prompt_format)
     policy, _ = make_policy(
         lambda dtype: _load_base(cfg, start, dtype), lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
         train_bf16=cfg.train_bf16, parallel_mode=cfg.parallel, world=world, seed=cfg.seed,
@@ -132,7 +138,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         print(_memory_line(cfg, base_of(policy).config, renderer, test_items, world))
     eval_backend = (
         LocalBackend(base_of(policy), tokenizer,
-                     tool_parser=cfg.tool_parser, sampler=sampler)
+                     tool_parser=cfg.tool_parser, sampler=sampler, prompt_format=cfg.prompt_format)
         if sampler is not None else None
     )  # fmt: skip
     max_context = context_length(base_of(policy))
@@ -226,6 +232,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 bar.update(step, metrics)
                 if "test/env/all/correct" in metrics:
                     plot_metrics(logger.rows(), log_path / "plot.png", title=f"{cfg.env} | {cfg.model_name}")
+                    report_safely(log_path)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
                 checkpoint(run, step + 1, scorer, tokenizer, optimizer, scheduler)
     finally:
@@ -242,6 +249,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         final = evaluate(cfg.max_steps)
         logger.log(cfg.max_steps, {**final, "time/total": time.time() - run_start})
         plot_metrics(logger.rows(), log_path / "plot.png", title=f"{cfg.env} | {cfg.model_name}")
+        report_safely(log_path)
         bar.close(final)
         _warn_truncation(logger.rows())
     parallel.barrier(world)
@@ -462,7 +470,7 @@ def _starting_checkpoint(cfg: TrainConfig) -> Path | None:
     if not cfg.load_checkpoint_path:
         return None
     from mathrl.checkpoint import resolve_checkpoint
-    from mathrl.models import resolve_model_path
+    from mathrl.models import adapter_base, resolve_model_path
 
     try:
         start = resolve_checkpoint(cfg.load_checkpoint_path)
@@ -476,7 +484,7 @@ def _starting_checkpoint(cfg: TrainConfig) -> Path | None:
         name = resolve_model_path(name)
         return str(Path(name).resolve()) if Path(name).exists() else name
 
-    base = adapter["base_model_name_or_path"]
+    base = adapter_base(start)  # the embedded model for an adapter naming its hub id
     stacked = (Path(base) / "adapter_config.json").exists()  # an adapter over a merged adapter: merge both
     if (cfg.load_checkpoint_mode == "continue" or not stacked) and norm(base) != norm(cfg.model_name):
         raise ConfigError(

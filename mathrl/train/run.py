@@ -27,7 +27,7 @@ from mathrl import parallel
 from mathrl.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint, set_rng_state
 from mathrl.config import ConfigError, config_from_dict, config_to_dict, diff_configs
 from mathrl.parallel import World
-from mathrl.tracking import MetricsLogger, atomic_write_text, keep_rows
+from mathrl.tracking import TRACKER_KEYS, MetricsLogger, atomic_write_text, check_trackers, keep_rows, open_trackers
 
 C = TypeVar("C")
 
@@ -43,10 +43,11 @@ class Run:
     checkpoint: Path | None
 
     def logger(self, start_step: int) -> MetricsLogger | None:
-        """metrics.jsonl (rank 0), with rows after the resumed checkpoint dropped: they are redone."""
+        """metrics.jsonl and the trackers the config turns on (rank 0), with rows after the resumed
+        checkpoint dropped: they are redone. The trainer is decorated with ``closes_trackers``."""
         if not self.world.main:
             return None
-        logger = MetricsLogger(self.log_path)
+        logger = MetricsLogger(self.log_path, open_trackers(self.cfg, self.log_path, start_step))
         keep_rows(logger.path, lambda r: r["step"] < start_step)
         keep_rows(self.log_path / "checkpoints.jsonl", lambda r: r["step"] <= start_step)
         return logger
@@ -57,6 +58,7 @@ def start_run(
 ) -> tuple[C, Run]:
     """Resolve ``log_path``, join the world, check a resumed run's config, write config.json
     (with ``recorded``: what was resolved at start), set threads and seeds."""
+    check_trackers(cfg)  # a missing package is said before anything is created
     log_path = Path(getattr(cfg, "log_path", None) or default_dir)
     cfg = replace(cfg, log_path=str(log_path))  # type: ignore[type-var]
     device_name: str | None = getattr(cfg, "device", None)
@@ -87,7 +89,7 @@ def check_resume(cfg: Any, log_path: Path, resumable: Collection[str], ignore: C
     if saved_file.exists():
         recorded = {k: v for k, v in json.loads(saved_file.read_text()).items() if k not in ignore}
         saved = config_to_dict(config_from_dict(type(cfg), recorded, str(saved_file)))
-        changed = [k for k in diff_configs(saved, config_to_dict(cfg)) if k not in resumable]
+        changed = [k for k in diff_configs(saved, config_to_dict(cfg)) if k not in {*resumable, *TRACKER_KEYS}]
         if changed:
             raise ConfigError(
                 f"log_path {log_path} holds a run with a different config ({', '.join(changed)}); "

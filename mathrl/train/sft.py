@@ -48,8 +48,9 @@ from mathrl.checkpoint import latest_checkpoint
 from mathrl.models import check_model_name, load_model, load_tokenizer
 from mathrl.parallel import World
 from mathrl.plots import plot_metrics
+from mathrl.report import report_safely
 from mathrl.rl.batching import ActionScorer, Datum, collate, score
-from mathrl.tracking import ProgressBar
+from mathrl.tracking import ProgressBar, closes_trackers
 from mathrl.train.configs import SFTConfig as SFTConfig  # re-exported
 from mathrl.train.configs import TrainOnWhat
 from mathrl.train.run import lr_multiplier as lr_multiplier  # re-exported: the schedule is shared
@@ -122,6 +123,32 @@ def loss_mask(
     return tokens, mask
 
 
+def plain_loss_mask(
+    tokenizer: Any, messages: Sequence[dict[str, Any]], train_on_what: TrainOnWhat
+) -> tuple[list[int], list[bool]]:
+    """``prompt_format=plain`` (a model without a chat template): the prompt before the last
+    assistant message as the plain text it is sampled from (:func:`mathrl.prompts.plain_prompt`,
+    tokenized alone, as at inference), then that reply after a space and the end-of-text token,
+    which alone carry loss. Earlier assistant messages are context (few-shot examples); training
+    on them needs a chat template, so ``all_assistant_messages`` with several is refused."""
+    from mathrl.prompts import plain_prompt
+    from mathrl.types import Message
+
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not assistant:
+        raise ValueError("the conversation has no assistant message")
+    if len(assistant) > 1 and train_on_what == "all_assistant_messages":
+        raise ValueError(
+            "prompt_format=plain trains the last assistant message only (earlier ones are context): "
+            "pass train_on_what=last_assistant_message"
+        )
+    last = assistant[-1]
+    prompt = list(tokenizer(plain_prompt([Message(m["role"], m["content"]) for m in messages[:last]]))["input_ids"])
+    reply = list(tokenizer(" " + messages[last]["content"], add_special_tokens=False)["input_ids"])
+    reply.append(int(tokenizer.eos_token_id))
+    return prompt + reply, [False] * len(prompt) + [True] * len(reply)
+
+
 def truncate(tokens: Sequence[int], mask: Sequence[bool], max_length: int) -> tuple[list[int], list[bool], bool]:
     """Drop trailing tokens without loss, then cut to ``max_length``; report whether loss tokens were cut."""
     end = max((t for t, m in enumerate(mask) if m), default=-1) + 1
@@ -187,7 +214,10 @@ def make_examples(
     examples = []
     for n, (pid, messages) in enumerate(rows):
         try:
-            tokens, mask = loss_mask(tokenizer, messages, cfg.train_on_what, end_ids)
+            if cfg.prompt_format == "plain":
+                tokens, mask = plain_loss_mask(tokenizer, messages, cfg.train_on_what)
+            else:
+                tokens, mask = loss_mask(tokenizer, messages, cfg.train_on_what, end_ids)
         except ValueError as e:
             raise ValueError(f"{source}: conversation {n + 1} (problem_id {pid}): {e}") from None
         tokens, mask, cut = truncate(tokens, mask, cfg.max_length)
@@ -293,16 +323,14 @@ def mean_nll(
 # --- the run -------------------------------------------------------------------------------
 
 
+@closes_trackers
 def sft(cfg: SFTConfig, progress: bool = True) -> Path:
     """Run (or resume) supervised fine-tuning; return the run directory."""
     check_model_name(cfg.model_name, "model_name")  # before anything is created
     if cfg.test_file is None and cfg.test_fraction == 0:
         print("note: no held-out set (test_fraction=0 and no test_file): test/nll is not measured")
-    cfg, run = start_run(cfg, f"runs/sft-{datetime.now():%Y%m%d-%H%M%S}", _RESUMABLE_CHANGES)
-    world, device, log_path = run.world, run.device, run.log_path
-
-    # --- data: render, mask, truncate once --------------------------------------------------
-    tokenizer = load_tokenizer(cfg.model_name)
+    # --- data: render, mask, truncate once (a bad file is refused before log_path is made) -----
+    tokenizer = load_tokenizer(cfg.model_name, cfg.prompt_format)
     rows = read_conversations(cfg.train_file)
     if cfg.test_file:
         train_rows, test_rows = rows, read_conversations(cfg.test_file)
@@ -310,15 +338,28 @@ def sft(cfg: SFTConfig, progress: bool = True) -> Path:
         train_rows, test_rows = split_by_problem(rows, cfg.test_fraction, cfg.seed)
     train_set = make_examples(train_rows, tokenizer, cfg, cfg.train_file)
     test_set = make_examples(test_rows, tokenizer, cfg, cfg.test_file or cfg.train_file)
+    # A conversation cut before its first loss token teaches nothing (and a batch of them has no loss).
+    n_empty = sum(not any(e.loss_mask_T) for e in train_set)
+    if train_set and n_empty == len(train_set):
+        raise ValueError(
+            f"max_length={cfg.max_length} cuts every conversation in {cfg.train_file} before its first trained "
+            "token; raise max_length"
+        )
+    train_set = [e for e in train_set if any(e.loss_mask_T)]
+    test_set = [e for e in test_set if any(e.loss_mask_T)]
     if len(train_set) < cfg.batch_size:
         raise ValueError(f"batch_size={cfg.batch_size}: only {len(train_set)} training conversations")
     steps_per_epoch = len(train_set) // cfg.batch_size
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.num_epochs * steps_per_epoch
     n_cut = sum(e.truncated for e in train_set)
+
+    cfg, run = start_run(cfg, f"runs/sft-{datetime.now():%Y%m%d-%H%M%S}", _RESUMABLE_CHANGES)
+    world, device, log_path = run.world, run.device, run.log_path
     if world.main:
         print(
             f"sft: {len(train_set)} train / {len(test_set)} held-out conversations, {steps_per_epoch} steps per "
             f"epoch, {max_steps} steps; {n_cut} truncated at max_length={cfg.max_length}"
+            + (f", {n_empty} dropped (no trained token within it)" if n_empty else "")
         )
 
     # --- model and optimizer: mathrl train's (mathrl.train.run) ----------------------------
@@ -369,6 +410,8 @@ def sft(cfg: SFTConfig, progress: bool = True) -> Path:
         metrics["mem/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         if logger is not None:  # logged before the checkpoint: a kill between the two redoes the step
             logger.log(step, metrics)
+            if "test/nll" in metrics:
+                report_safely(log_path)
         bar.update(step, metrics)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < max_steps:
             checkpoint(run, step + 1, scorer, tokenizer, optimizer, scheduler)
@@ -381,6 +424,7 @@ def sft(cfg: SFTConfig, progress: bool = True) -> Path:
         logger.log(max_steps, {**final, "time/total": time.time() - run_start})
         plot_metrics(logger.rows(), log_path / "plot.png", title=f"sft | {cfg.model_name}", curves=_CURVES,
                      ylabel="NLL per token", ylim=None)  # fmt: skip
+        report_safely(log_path)
     bar.close(final)
     parallel.barrier(world)
     return log_path
