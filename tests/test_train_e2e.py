@@ -43,7 +43,8 @@ def _deterministic(rows: list[dict]) -> list[dict]:
 @pytest.mark.slow
 def test_two_grpo_steps_on_the_embedded_model(tmp_path):
     run = tmp_path / "run"
-    _mathrl("train", *SMALL, "max_steps=2", "save_every=1", f"log_path={run}")
+    proc = _mathrl("train", *SMALL, "max_steps=2", "save_every=1", f"log_path={run}")
+    assert "Warning" not in proc.stderr, proc.stderr  # the main job once printed a FutureWarning 7 times
     rows = _rows(run)
     assert [r["step"] for r in rows] == [0, 1, 2]
     for key in ("env/all/reward/total", "env/all/correct", "env/all/ac_tokens_per_turn", "optim/lr",
@@ -109,8 +110,10 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path):
     partial = _rows(killed)  # every row written before the kill is whole JSON
     assert 2 <= len(partial) < 6
     json.loads((killed / "config.json").read_text())
+    last = json.loads(ckpts.read_text().splitlines()[-1])["step"]
 
-    _mathrl("train", *args, f"log_path={killed}")
+    again = _mathrl("train", *args, f"log_path={killed}")
+    assert f"resuming {killed} from its checkpoint at step {last}" in again.stdout  # it says so, and where
     resumed, reference = _deterministic(_rows(killed)), _deterministic(_rows(straight))
     assert [r["step"] for r in resumed] == [r["step"] for r in reference] == list(range(6))
     for got, want in zip(resumed, reference, strict=True):
