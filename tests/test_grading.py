@@ -17,7 +17,7 @@ from mathrl.grading import (
     grade_response,
 )
 from mathrl.grading.match import NeedsSymbolic, match
-from mathrl.grading.numbers import Number, numbers_match, parse_number
+from mathrl.grading.numbers import Number, numbers_match, parse_number, parse_tower
 from mathrl.grading.pool import GradingPool
 
 CASES = Path(__file__).parent / "data" / "grading_cases.jsonl"
@@ -213,3 +213,14 @@ def test_batch_matches_single_calls_and_checks_lengths():
         answers_match_batch(["1", "2"], ["1"])
     assert grade_response("so \\boxed{\\frac{1}{2}}", "0.5")
     assert not grade_response("the answer is 0.5", "0.5")
+
+
+def test_power_towers_compare_exactly_without_building_the_number():
+    assert parse_tower("4^{2^{99}}") == parse_tower("2^{2^{100}}") == (2, 2**100)
+    assert parse_tower("3^{3^{3^3}}") == (3, 3**27)
+    assert parse_tower("8^{2^{50}}") == (2, 3 * 2**50)
+    assert parse_tower("2^{2^{2^{100}}}") is None  # its exponent is itself too large to evaluate
+    assert parse_tower("2^{10}-1") is None and parse_tower("1^{5}") is None
+    deep = "2^{" * 700 + "2" + "}" * 700  # refused at once: no recursion error, no quadratic work
+    start = time.perf_counter()
+    assert parse_tower(deep) is None and time.perf_counter() - start < 0.05

@@ -19,7 +19,7 @@ STYLES = ("boxed", "gsm8k", "last_number")
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\b")
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
-_HASHES = re.compile(r"####[ \t]*([^\n]*\S)")  # the rest of the line: "#### 18 or 19" is hedged
+_HASHES = re.compile(r"####[ \t]*:?[ \t]*([^\n]*\S)")  # the rest of the line: "#### 18 or 19" is hedged
 _MONEY = r"(?:\\\$\s*|\$\s*)?"
 # "The answer is 18", "answer: $18", "the answer is 2 + 4 = 6" (the value after the last "=")
 _ANSWER_IS = re.compile(

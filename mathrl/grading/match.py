@@ -28,6 +28,12 @@ def match(given: str | None, reference: str, symbolic: bool = True) -> bool:
     """Whether ``given`` is mathematically the ``reference`` answer (see module docs)."""
     if given is None:
         return False
+    exact_r = _exact_of_approx(reference)
+    if exact_r is not None:  # "\sqrt2 \approx 1.414": the exact value is the reference
+        reference = exact_r[0]
+    exact_g = _exact_of_approx(given)
+    if exact_g is not None:  # an exact value and its decimal: both must be right
+        return match(exact_g[0], reference, symbolic) and match(exact_g[0], exact_g[1], symbolic)
     g, r = normalize(given), normalize(reference)
     if not g or not r:
         return False
@@ -51,6 +57,20 @@ def match(given: str | None, reference: str, symbolic: bool = True) -> bool:
     if undecided:
         raise NeedsSymbolic
     return False
+
+
+_APPROX = re.compile(r"\\approx|≈|\\simeq")
+
+
+def _exact_of_approx(s: str) -> tuple[str, str] | None:
+    """(exact, decimal) for ``exact \\approx decimal``, where the decimal is a plain number."""
+    parts = _APPROX.split(s)
+    if len(parts) != 2 or not parts[0].strip() or NAME.fullmatch(normalize(parts[0])):
+        return None  # "x \\approx 11" names an approximate value
+    decimal, exact = numbers.parse_number(normalize(parts[1])), numbers.parse_number(normalize(parts[0]))
+    if decimal is None or (exact is not None and exact.unit is not None):
+        return None  # not "exact \\approx decimal" (a decimal approximating a decimal stays as written)
+    return parts[0], parts[1]
 
 
 _CHOICE = re.compile(r"\(?([A-Z])\)?(?:(?:,|and)\(?([A-Z])\)?)*")
@@ -177,8 +197,8 @@ def atoms_equal(g: str, r: str, symbolic: bool) -> bool:
     if len(r_sides) > 1 and all(numbers.parse_number(side) for side in r_sides):
         # "0.56 = 56\%": a reference that states one value several ways accepts each of them
         return any(atoms_equal(g, side.strip(), symbolic) for side in r_sides)
-    g_named = len(g_sides) >= 2 and bool(NAME.fullmatch(g_sides[0].strip()))
-    r_named = len(r_sides) == 2 and bool(NAME.fullmatch(r_sides[0].strip()))
+    g_named = len(g_sides) >= 2 and _is_name(g_sides[0])
+    r_named = len(r_sides) == 2 and _is_name(r_sides[0])
     if len(g_sides) == 2 and len(r_sides) == 2 and not (g_named and r_named):
         return _equations_equal(g_sides, r_sides, symbolic)  # a relation, possibly rearranged
     if len(r_sides) == 2:
@@ -207,6 +227,13 @@ def atoms_equal(g: str, r: str, symbolic: bool) -> bool:
     if g == r:
         return True
 
+    ratio = _ratios_equal(g, r)
+    if ratio is not None:
+        return ratio
+    tower_g, tower_r = numbers.parse_tower(g), numbers.parse_tower(r)
+    if tower_g is not None and tower_r is not None:  # 2^{2^{100}} and 4^{2^{99}}, exactly
+        return tower_g == tower_r
+
     base_g, base_r = _BASE.fullmatch(g), _BASE.fullmatch(r)
     if (base_g or base_r) and any(b and re.search(r"\d", b.group(1)) for b in (base_g, base_r)):
         digits_g = (base_g.group(1) if base_g else g).lower().lstrip("0")
@@ -222,6 +249,43 @@ def atoms_equal(g: str, r: str, symbolic: bool) -> bool:
     from mathrl.grading.symbolic import expressions_equal
 
     return expressions_equal(g, r, num_r.unit if num_r else None)
+
+
+# what names a quantity on the left of "=": a variable, a function value (f(x), h^{-1}(x), f'(x)),
+# a segment, its length or a ratio of them (AB, |AB|, A:B, V_1:V_2, \frac{NO}{BO})
+_SEGMENT = r"[A-Z]{1,4}'*(?:_\{?[A-Za-z0-9]+\}?)?"
+_PART = rf"(?:{_SEGMENT}|[a-z](?:_\{{?[A-Za-z0-9]+\}}?)?)"  # a ratio's term: AB, V_1, x, a_2
+_QUANTITY = re.compile(
+    rf"[A-Za-z]'*(?:\^\{{?-1\}}?)?\([A-Za-z]\)|{_SEGMENT}|\|{_SEGMENT}\||{_PART}(?::{_PART})+"
+    rf"|\\frac\{{{_SEGMENT}\}}\{{{_SEGMENT}\}}"
+)
+
+
+def _is_name(lhs: str) -> bool:
+    """Whether ``lhs`` (the left side of ``lhs = value``) names the value rather than being
+    an expression: then ``lhs = value`` is the answer ``value``."""
+    lhs = lhs.strip()
+    return bool(NAME.fullmatch(lhs) or _QUANTITY.fullmatch(lhs))
+
+
+def _ratios_equal(g: str, r: str) -> bool | None:
+    """Ratios and times of plain numbers (``3:4``, ``12:00``): None when neither side is one.
+    Equal when proportional, but part by part when a part is zero or has a leading zero, or
+    both end in two digits (times: ``12:00`` is not ``1:00``, ``8:60`` is not ``4:30``)."""
+    g_parts, r_parts = g.split(":"), r.split(":")
+    if len(g_parts) == 1 and len(r_parts) == 1:
+        return None
+    values = [numbers.parse_number(p) for p in g_parts + r_parts]
+    if any(v is None for v in values):
+        return None
+    nums = [v.value for v in values if v is not None]
+    if len(g_parts) != len(r_parts):
+        return False if 0 in nums else None
+    a, b = nums[: len(g_parts)], nums[len(g_parts) :]
+    times = all(re.fullmatch(r"\d{2}", p[-1].strip()) for p in (g_parts, r_parts))  # h:mm on both sides
+    if times or 0 in nums or any(re.fullmatch(r"0\d+", p.strip()) for p in g_parts + r_parts):
+        return a == b
+    return all(x * b[0] == y * a[0] for x, y in zip(a, b, strict=True))
 
 
 def _equations_equal(g_sides: list[str], r_sides: list[str], symbolic: bool) -> bool:

@@ -33,6 +33,8 @@ _REPLACE = [
     ("\\geqslant", "\\ge"),
     ("\\leq", "\\le"),
     ("\\geq", "\\ge"),
+    (">=", "\\ge "),
+    ("<=", "\\le "),
     ("\\neq", "\\ne"),
     ("\\lbrace", "\\{"),
     ("\\rbrace", "\\}"),
@@ -52,32 +54,73 @@ _REPLACE = [
     ("≥", "\\ge "),
     ("°", "^\\circ"),
     ("\\degree", "^\\circ"),
+    ("\u2044", "/"),  # fraction slash
+    ("\u00a0", " "),
+    ("\u200b", ""),  # zero-width space, joiners, word joiner, byte-order mark: invisible
+    ("\u200c", ""),
+    ("\u200d", ""),
+    ("\u2060", ""),
+    ("\ufeff", ""),
+    *(
+        (ch, f"\\frac{{{n}}}{{{d}}}")
+        for ch, (n, d) in {
+            "½": (1, 2),
+            "⅓": (1, 3),
+            "⅔": (2, 3),
+            "¼": (1, 4),
+            "¾": (3, 4),
+            "⅕": (1, 5),
+            "⅖": (2, 5),
+            "⅗": (3, 5),
+            "⅘": (4, 5),
+            "⅙": (1, 6),
+            "⅚": (5, 6),
+            "⅐": (1, 7),
+            "⅛": (1, 8),
+            "⅜": (3, 8),
+            "⅝": (5, 8),
+            "⅞": (7, 8),
+            "⅑": (1, 9),
+            "⅒": (1, 10),
+        }.items()
+    ),  # unicode vulgar fractions; "3¾" becomes the mixed number 3\frac{3}{4}
 ]
+_REPLACE_ASCII = [(old, new) for old, new in _REPLACE if old.isascii()]  # the common case: skip the rest
+_REPLACE_UNICODE = [(old, new) for old, new in _REPLACE if not old.isascii()]
 _SPACING = re.compile(r"(?<!\\)\\[,;:! ]|\\q?quad\b|~")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\^\s*\{\s*\\text\{\s*o\s*\}\s*\}")
 _TRIG = re.compile(r"\\(?:sin|cos|tan|sec|csc|cot)\b")
 _TRIG_DEGREES = re.compile(r"(\d+(?:\.\d+)?)\s*(?:\^\s*\{?\s*\\circ\s*\}?|°)")
 _PERCENT = re.compile(r"\\?%")
 _DOLLAR = re.compile(r"\\\$|\$")
-_FONT = re.compile(r"\\(?:mathbf|boldsymbol|bm|mathit|mathsf|mathnormal|textbf|textit|textrm|texttt|emph)\s*\{")
+_FONT = re.compile(r"\\(?:mathbf|boldsymbol|bm|mathit|mathsf|mathnormal|emph)\s*\{")
+_TEXT_FONT = re.compile(r"\\(?:textbf|textit|textrm|texttt|textsf|textnormal)\s*\{")  # text: may hold a unit
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _TEXT = re.compile(r"\\(?:text|mbox|textnormal|hbox|mathrm)\s*\{")
 _UNIT_POWER = re.compile(r"\^\{?(\d)\}?")
 _THOUSANDS_BRACE = re.compile(r"(\d)\{,\}(?=\d{3})")
 _SPACES = re.compile(r"\s+")
+_THOUSANDS_THIN = re.compile(r"(?<=\d),\s*\\!\s*(?=\d)")  # "10,\!080": the negative space joins the groups
 _APPROX = re.compile(r"\\approx|\\simeq|≈")
-_OPERATOR_SPACES = re.compile(r"\s*([=+\-*/^_,()\[\]{}<>|&])\s*")
+# spaces around operators go, except after a comma between digits: "32, 349" is a list of two
+# numbers (a thousands separator takes no space), so it must not become "32,349"
+_OPERATOR_SPACES = re.compile(r"\s*([=+\-*/^_,()\[\]{}<>|&])(?:(?<=\d,)(?=\s+\d)|\s*)")
 
 
 def normalize(answer: str) -> str:
     """Canonical spelling of ``answer``; equal typography gives equal strings."""
     s = answer.strip()
     s = _strip_delimiters(s)
-    for old, new in _REPLACE:
+    if not s.isascii():
+        for old, new in _REPLACE_UNICODE:
+            s = s.replace(old, new)
+    for old, new in _REPLACE_ASCII if "\\" in s or "=" in s else ():  # commands, >= and <=
         s = s.replace(old, new)
     s = s.replace("\\left.", "").replace("\\right.", "").replace("{:}", ":")
+    s = _TEXT_FONT.sub("\\\\text{", s)
     s = _APPROX.sub("=", s).lstrip("=").lstrip()
     s = _THOUSANDS_BRACE.sub(r"\1", s)
+    s = _THOUSANDS_THIN.sub(",", s)
     s = _SPACING.sub(" ", s)
     if _TRIG.search(s):  # sin 30^\circ: degrees inside a function are radians * pi/180
         s = _TRIG_DEGREES.sub(r"(\1\\pi/180)", s)
@@ -244,8 +287,38 @@ def split_words(s: str) -> tuple[str, tuple[str, ...]]:
     return _SPACES.sub(" ", math).strip(), clean
 
 
+# a unit's abbreviation and its spelled-out names (singular, as _canon_word leaves them) are one word
+_UNITS = {
+    name: abbreviation
+    for abbreviation, names in {
+        "ft": ("feet", "foot", "ft"),
+        "in": ("inch", "inche", "in"),
+        "yd": ("yard", "yd"),
+        "mi": ("mile", "mi"),
+        "mm": ("millimeter", "millimetre", "mm"),
+        "cm": ("centimeter", "centimetre", "cm"),
+        "m": ("meter", "metre", "m"),
+        "km": ("kilometer", "kilometre", "km"),
+        "mg": ("milligram", "mg"),
+        "g": ("gram", "g"),
+        "kg": ("kilogram", "kg"),
+        "lb": ("pound", "lb", "lbs"),
+        "oz": ("ounce", "oz"),
+        "ml": ("milliliter", "millilitre", "ml"),
+        "l": ("liter", "litre", "l"),
+        "s": ("second", "sec", "secs", "s"),
+        "min": ("minute", "min", "mins"),
+        "h": ("hour", "hr", "hrs", "h"),
+    }.items()
+    for name in names
+}
+
+
 def _canon_word(word: str) -> str:
     w = word.lower().replace(".", "").replace("'", "").strip("-")
     if len(w) > 3 and w.endswith("s"):
         w = w[:-1]
+    unit = re.fullmatch(r"([a-z]+)(\d?)", w)
+    if unit and unit.group(1) in _UNITS:  # "feet" and "ft", "km^2" and "kilometers^2"
+        return _UNITS[unit.group(1)] + unit.group(2)
     return w

@@ -224,3 +224,47 @@ def _exact_sqrt(value: Fraction) -> Fraction:
     if num * num != value.numerator or den * den != value.denominator:
         raise _Refuse
     return Fraction(num, den)
+
+
+_TOWER = re.compile(r"(\d{1,15})\^(?:\{(.+)\}|(\d+))")
+TOWER_EXPONENT_BITS = 1 << 16  # an inner level is evaluated only up to this size
+MAX_TOWER_LEVELS = 6
+
+
+def parse_tower(text: str) -> tuple[int, int] | None:
+    """``a^{b^{c}}`` of positive integers as (p, e) with value ``p**e`` and ``p`` not a perfect
+    power, so two towers are equal exactly when their pairs are (``2^{2^{100}}`` is
+    ``4^{2^{99}}``), without building the number. None when ``text`` is not such a tower or
+    its exponent is itself too large to evaluate."""
+    if text.count("^") > MAX_TOWER_LEVELS:  # bounds the recursion and the work: linear in the input
+        return None
+    m = _TOWER.fullmatch(text.strip())
+    if m is None or int(m.group(1)) < 2:
+        return None
+    exponent = _positive_int(m.group(2) or m.group(3))
+    if exponent is None:
+        return None
+    root, k = _primitive_root(int(m.group(1)))
+    return root, k * exponent
+
+
+def _positive_int(text: str) -> int | None:
+    number = parse_number(text)
+    if number is not None:
+        value = number.value
+        return int(value) if value.denominator == 1 and value > 0 else None
+    tower = parse_tower(text)
+    if tower is None or tower[1] * tower[0].bit_length() > TOWER_EXPONENT_BITS:
+        return None
+    return int(tower[0] ** tower[1])
+
+
+def _primitive_root(n: int) -> tuple[int, int]:
+    """(r, k) with ``r**k == n`` and k as large as possible (``64`` -> (2, 6))."""
+    for k in range(n.bit_length(), 1, -1):
+        r = round(n ** (1 / k))
+        for c in (r - 1, r, r + 1):
+            if c > 1 and c**k == n:
+                root, j = _primitive_root(c)
+                return root, j * k
+    return n, 1

@@ -2,9 +2,11 @@
 interval, named values, or a matrix.
 
 The shape decides how two answers are compared: a bare list ``1, -2`` or a set
-``\\{1, -2\\}`` is unordered (solutions of an equation), ``\\pm`` is shorthand for two
-elements; anything in brackets is ordered and keeps its bracket kinds (``(1,2]`` is not
-``(1,2)``); ``b=-3, c=0`` and ``(b, c) = (-3, 0)`` name their values. Parsing is pure string
+``\\{1, -2\\}`` is unordered (solutions of an equation; ``;`` separates solutions too, as in
+``p=5,q=2;p=7,q=2``), ``\\pm`` is shorthand for two elements; an inequality in one variable
+(``5 \\ge x``, ``-x > -1``, ``0 < f(x) < 1``) is the interval it describes; anything in
+brackets is ordered and keeps its bracket kinds (``(1,2]`` is not ``(1,2)``); ``b=-3, c=0``
+and ``(b, c) = (-3, 0)`` name their values. Parsing is pure string
 work at top bracket level, linear in the input.
 """
 
@@ -66,7 +68,9 @@ def parse(text: str) -> list[Node]:
     """The readings of a normalized answer, most likely first. Usually one; a string
     like ``1,080`` is read both as one thousands-separated number and as a list."""
     readings: list[Node] = []
-    if _THOUSANDS.fullmatch(text.replace(", ", ",")) or _SPACED_THOUSANDS.fullmatch(text):
+    if text.startswith("{") and matching_brace(text, 0) == len(text) - 1 and "," in text:
+        text = text[1:-1]  # "{-1, 1}": braces that only group (a set written loosely)
+    if _THOUSANDS.fullmatch(text) or _SPACED_THOUSANDS.fullmatch(text):  # "32, 349" is a list
         readings.append(Atom(text.replace(",", "").replace(" ", "")))
     readings.append(_parse(text, 0))
     return readings
@@ -80,6 +84,9 @@ def _parse(text: str, depth: int) -> Node:
     if m:
         rows = [r for r in re.split(r"\\\\", m.group(2)) if r.strip()]
         return Matrix(tuple(tuple(_parse(c, depth + 1) for c in row.split("&")) for row in rows))
+    groups = [p for p in split_top(s, ";") if p.strip()]
+    if len(groups) > 1:  # "(1,2); (3,4)", "p=5,q=2; p=7,q=2": solutions separated by semicolons
+        return Bag(tuple(_parse(p, depth + 1) for p in groups))
     s = _strip_name_prefix(s)
     interval = _inequality(s)
     if interval is not None:
@@ -93,7 +100,7 @@ def _parse(text: str, depth: int) -> Node:
     bracketed = _bracketed(s)
     if bracketed is not None:
         open_, inner, close = bracketed
-        items = split_top(inner, ",")
+        items = split_top(inner, ";") if len(split_top(inner, ";")) > 1 else split_top(inner, ",")
         if open_ == "\\{":
             return Bag(tuple(_parse(x, depth + 1) for p in items if p.strip() for x in _expand_pm(p)))
         if len(items) > 1:
@@ -127,8 +134,9 @@ def _parse(text: str, depth: int) -> Node:
 
 _LESS = r"(<|\\le(?![a-z]))"
 _GREATER = r"(>|\\ge(?![a-z]))"
-_VAR = r"[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?"
-_ONE_SIDED = re.compile(rf"{_VAR}\s*(?:{_LESS}|{_GREATER})\s*([^<>=]+)")
+_VAR = r"[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?(?:\([A-Za-z]\))?"  # x, x_1, f(x)
+_ONE_SIDED = re.compile(rf"(-?){_VAR}\s*(?:{_LESS}|{_GREATER})\s*([^<>=]+)")
+_REVERSED = re.compile(rf"([^<>=]+?)\s*(?:{_LESS}|{_GREATER})\s*(-?){_VAR}")  # "5 \ge x" is "x \le 5"
 _TWO_SIDED = re.compile(rf"([^<>=]+?)\s*{_LESS}\s*{_VAR}\s*{_LESS}\s*([^<>=]+)")
 
 
@@ -141,12 +149,24 @@ def _inequality(s: str) -> Seq | None:
             "[" if low_op != "<" else "(", "]" if high_op != "<" else ")", (Atom(low.strip()), Atom(high.strip()))
         )
     m = _ONE_SIDED.fullmatch(s)
+    r = None if m else _REVERSED.fullmatch(s)
+    if r and re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", r.group(1))):
+        r = None  # "a+b < c" is a relation between letters, not a bound on one variable
     if m:
-        less, greater, bound = m.groups()
-        if less:
-            return Seq("(", ")" if less == "<" else "]", (Atom("-\\infty"), Atom(bound.strip())))
-        return Seq("(" if greater == ">" else "[", ")", (Atom(bound.strip()), Atom("\\infty")))
-    return None
+        minus, less, greater, bound = m.groups()
+        upper = bool(less)  # x < bound: the bound is the upper end
+    elif r:
+        bound, less, greater, minus = r.groups()
+        upper = bool(greater)  # bound > x: the variable on the right, the relation flips
+    else:
+        return None
+    strict = (less or greater) in ("<", ">")
+    bound = bound.strip()
+    if minus:  # "-x > -1" is "x < 1"
+        upper, bound = not upper, f"-({bound})"
+    if upper:
+        return Seq("(", ")" if strict else "]", (Atom("-\\infty"), Atom(bound)))
+    return Seq("(" if strict else "[", ")", (Atom(bound), Atom("\\infty")))
 
 
 def _expand_pm(s: str) -> list[str]:
