@@ -21,3 +21,13 @@ def group_advantages(rewards_G: torch.Tensor, normalize_std: bool = False, eps: 
 def is_constant(rewards_G: torch.Tensor) -> bool:
     """A group whose members all got the same reward carries no learning signal."""
     return bool((rewards_G == rewards_G[0]).all())
+
+
+def overlong_penalty(num_tokens: int, max_tokens: int, buffer: int, penalty: float) -> float:
+    """DAPO's soft overlong punishment, added to the reward: 0 up to ``max_tokens - buffer``
+    tokens, then linear down to ``-penalty`` at ``max_tokens`` (the longest a completion can
+    be here, so DAPO's flat -1 beyond it never applies). ``buffer=0`` is off."""
+    if buffer <= 0:
+        return 0.0
+    over = num_tokens - (max_tokens - buffer)
+    return -penalty * min(max(over, 0), buffer) / buffer

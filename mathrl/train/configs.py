@@ -9,6 +9,7 @@ from typing import Any, Literal
 from mathrl import EMBEDDED_MODEL
 from mathrl.config import option
 from mathrl.prompts import PROMPT_FORMAT_CHOICES, PROMPT_FORMAT_HELP, TINKER_SUFFIX
+from mathrl.rl.losses import AGGREGATIONS, LOSSES  # torch-free: the registries are the choices
 from mathrl.tools.formats import PARSER_CHOICES
 
 TrainOnWhat = Literal["all_assistant_messages", "last_assistant_message"]
@@ -51,13 +52,54 @@ class TrainConfig:
     temperature: float = field(default=1.0, metadata=option("Sampling temperature during training.", min=0))
     lora_rank: int = field(default=32, metadata=option("LoRA rank on all linear layers; 0 = full fine-tuning.", min=0))
     lora_alpha: int | None = field(default=None, metadata=option("LoRA alpha (default: = lora_rank)."))
-    loss_fn: Literal["importance_sampling", "ppo"] = field(
-        default="importance_sampling", metadata=option("Policy loss.")
+    loss_fn: str = field(
+        default="importance_sampling",
+        metadata=option(
+            "Policy loss: importance_sampling (ratio * A), ppo (clipped ratio), cispo (MiniMax-M1: clipped, "
+            "detached ratio * A * logp), gspo (Qwen: clipped sequence-level ratio; use loss_agg=seq_mean).",
+            choices=tuple(LOSSES),
+        ),
     )
-    loss_agg: Literal["token_sum", "token_mean", "seq_mean"] = field(
-        default="token_mean", metadata=option("How per-token losses are combined.")
+    loss_agg: str = field(
+        default="token_mean",
+        metadata=option(
+            "How per-token losses are combined: token_sum (sum / sequences), token_sum_norm (Dr. GRPO: "
+            "sum / (sequences x max_tokens)), token_mean (DAPO), seq_mean (GRPO).",
+            choices=tuple(AGGREGATIONS),
+        ),
     )
-    ppo_clip: float = field(default=0.2, metadata=option("Clip range of loss_fn=ppo.", min=0))
+    ppo_clip: float = field(
+        default=0.2, metadata=option("Clip range of loss_fn=ppo/gspo/cispo (both sides unless set below).", min=0)
+    )
+    ppo_clip_low: float | None = field(
+        default=None,
+        metadata=option("Lower clip: ratio >= 1 - this (default: ppo_clip; cispo: no lower bound).", min=0),
+    )
+    ppo_clip_high: float | None = field(
+        default=None, metadata=option("Upper clip: ratio <= 1 + this (default: ppo_clip; DAPO: 0.28).", min=0)
+    )
+    overlong_filter: bool = field(
+        default=False, metadata=option("DAPO: leave completions cut off at max_tokens out of the loss.")
+    )
+    overlong_buffer: int = field(
+        default=0,
+        metadata=option(
+            "DAPO's soft overlong penalty: the reward falls linearly from 0 at max_tokens - N tokens to "
+            "-overlong_penalty at max_tokens (0 = off).",
+            min=0,
+        ),
+    )
+    overlong_penalty: float = field(default=1.0, metadata=option("Penalty at max_tokens (overlong_buffer).", min=0))
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata=option(
+            "DAPO: draw more problems until groups_per_batch groups have reward spread (at most "
+            "dynamic_sampling_max_draws extra batches).",
+        ),
+    )
+    dynamic_sampling_max_draws: int = field(
+        default=4, metadata=option("Most extra batches drawn per step by dynamic_sampling.", min=0)
+    )
     kl_penalty_coef: float = field(default=0.0, metadata=option("k3 KL penalty to the starting weights.", min=0))
     normalize_advantages_by_std: bool = field(default=False, metadata=option("Divide advantages by the group std."))
     remove_constant_reward_groups: bool = field(default=True, metadata=option("Drop groups with no reward spread."))

@@ -9,7 +9,9 @@ checkpoint.
 What differs from the GRPO paper, on purpose (as in tinker-cookbook):
 - advantages are not divided by the group std unless ``normalize_advantages_by_std``
   (Dr. GRPO's argument), and constant-reward groups are dropped by default;
-- the default loss is importance sampling (ratio * A, no clipping); ``loss_fn=ppo`` clips;
+- the default loss is importance sampling (ratio * A, no clipping); ``loss_fn=ppo`` clips
+  (``cispo``, ``gspo`` and the aggregations: :mod:`mathrl.rl.losses`; DAPO's overlong and
+  dynamic-sampling options are off by default);
 - the KL penalty is off by default; when on, it is the k3 estimator against the frozen
   starting weights (the base model with adapters disabled, for LoRA);
 - sampling runs on a bf16 copy of the policy with LoRA merged in, refreshed after every
@@ -25,8 +27,9 @@ import math
 import os
 import resource
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -48,7 +51,7 @@ from mathrl.parallel import World
 from mathrl.plots import plot_metrics
 from mathrl.prompts import find_prompt_format
 from mathrl.report import report_safely
-from mathrl.rl.advantages import group_advantages, is_constant
+from mathrl.rl.advantages import group_advantages, is_constant, overlong_penalty
 from mathrl.rl.batching import ActionScorer, Batch, Datum, action_logprobs, collate, score, trajectory_datums
 from mathrl.rl.losses import AGGREGATIONS, LOSSES, kl_k3
 from mathrl.rollout.backend import LocalBackend, context_length
@@ -82,6 +85,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Run (or resume) GRPO; return the run directory."""
     check_model_name(cfg.model_name, "model_name")  # before anything is created
     _check_sampler(cfg)
+    if cfg.overlong_buffer > cfg.max_tokens:
+        raise ConfigError(f"overlong_buffer={cfg.overlong_buffer}: must be at most max_tokens={cfg.max_tokens}")
     start = _starting_checkpoint(cfg)
     cfg = replace(cfg, load_checkpoint_path=str(start) if start else None)  # config.json: what was loaded
     dataset, env_options = make_dataset(cfg.env, cfg.env_args, cfg.groups_per_batch, cfg.seed)
@@ -157,15 +162,29 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         return {**test_metrics(summarize("test", to_results(rows))), "time/eval": time.time() - t0}
 
     def generate(step: int) -> Sampled:
-        """Step ``step``'s groups, tagged with the weights version current when sampling began."""
+        """Step ``step``'s groups, tagged with the weights version current when sampling began.
+        With dynamic_sampling, extra batches are drawn until groups_per_batch groups have
+        reward spread (or dynamic_sampling_max_draws extra batches were drawn)."""
         assert sampler is not None
         version, t0 = sampler.version, time.time()
-        groups = run_groups(
-            dataset.get_batch(step), cfg.group_size, sampler, renderer,
-            max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=_step_seed(cfg.seed, step, "train"),
-            max_turns=cfg.max_turns, max_context=max_context,
-        )  # fmt: skip
-        return Sampled(groups, version, time.time() - t0)
+
+        def draw(k: int) -> list[TrajectoryGroup]:
+            # extra draw k > 0: the problems of a batch index past every step's, its own sampling seed
+            index = step if k == 0 else cfg.max_steps + step * cfg.dynamic_sampling_max_draws + k - 1
+            return run_groups(
+                dataset.get_batch(index), cfg.group_size, sampler, renderer,
+                max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                seed=_step_seed(cfg.seed, step, "train") + k, max_turns=cfg.max_turns, max_context=max_context,
+            )  # fmt: skip
+
+        if not cfg.dynamic_sampling:
+            return Sampled(draw(0), version, time.time() - t0)
+        groups, kept, draws = dynamic_sample(draw, lambda g: _has_spread(g, cfg), cfg.groups_per_batch,
+                                             cfg.dynamic_sampling_max_draws)  # fmt: skip
+        stats = {"dynamic_sampling/extra_draws": float(draws),
+                 "dynamic_sampling/groups_sampled": float(len(groups)),
+                 "dynamic_sampling/groups_kept": float(len(kept))}  # fmt: skip
+        return Sampled(kept, version, time.time() - t0, groups, stats)
 
     # Sampling runs ahead of training by up to max_off_policy_steps batches, in one thread.
     ahead = ThreadPoolExecutor(1, thread_name_prefix="sampling") if cfg.max_off_policy_steps and world.main else None
@@ -194,7 +213,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 else:
                     sampled = generate(step)
                 groups = sampled.groups
-                metrics |= group_metrics(groups)
+                metrics |= group_metrics(sampled.all_groups or groups) | sampled.stats
                 metrics["time/sample"] = sampled.seconds
                 metrics["time/wait_for_samples"] = time.time() - t0
                 # 2. groups sampled by too old weights are dropped; advantages -> training sequences
@@ -266,6 +285,22 @@ class Sampled:
     groups: list[TrajectoryGroup]
     version: int
     seconds: float
+    all_groups: list[TrajectoryGroup] | None = None  # dynamic sampling: every group drawn
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def dynamic_sample(
+    draw: Callable[[int], list[TrajectoryGroup]], keep: Callable[[TrajectoryGroup], bool], target: int, max_extra: int
+) -> tuple[list[TrajectoryGroup], list[TrajectoryGroup], int]:
+    """DAPO's dynamic sampling: ``draw(0)``, then ``draw(1)``, ... until ``target`` groups pass
+    ``keep`` or ``max_extra`` extra draws were made. Returns (every group drawn, the first
+    ``target`` kept ones, the number of extra draws)."""
+    drawn = draw(0)
+    extra = 0
+    while sum(map(keep, drawn)) < target and extra < max_extra:
+        extra += 1
+        drawn += draw(extra)
+    return drawn, [g for g in drawn if keep(g)][:target], extra
 
 
 def _memory_line(cfg: TrainConfig, config: Any, renderer: Renderer, items: list[EvalItem], world: World) -> str:
@@ -349,13 +384,14 @@ def _update(
         acc[1] += denominator
 
     cap = _is_cap(cfg)
+    clip_low, clip_high = clip_range(cfg)
     grad_norms = []
     bounds = np.linspace(0, len(batch), cfg.num_substeps + 1).round().astype(int)
     for sub, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         if hi <= lo:
             continue
         minibatch = batch.slice(lo, hi)
-        weights_BT = AGGREGATIONS[cfg.loss_agg](minibatch.action_mask_BT) * world.size
+        weights_BT = AGGREGATIONS[cfg.loss_agg](minibatch.action_mask_BT, cfg.max_tokens) * world.size
         optimizer.zero_grad(set_to_none=True)
         ranges = minibatch.micro_batches(cfg.micro_batch_tokens)
         for k, (m, m_end) in enumerate(ranges):
@@ -373,7 +409,9 @@ def _update(
                     add("optim/frac_is_capped", float(((floor_BT > sample_logp_BT).float() * mask_BT).sum()),
                         float(mask_BT.sum()))  # fmt: skip
                     sample_logp_BT = torch.maximum(sample_logp_BT, floor_BT)
-                loss_BT = LOSSES[cfg.loss_fn](logp_BT, sample_logp_BT, micro.advantages_B, cfg.ppo_clip)
+                loss_BT = LOSSES[cfg.loss_fn](
+                    logp_BT, sample_logp_BT, micro.advantages_B, micro.action_mask_BT, clip_low, clip_high
+                )
                 if cfg.kl_penalty_coef:
                     ref_logp_BT = _ref_logprobs(scorer, policy, ref_model, micro, cfg, device)
                     kl_BT = kl_k3(logp_BT, ref_logp_BT)
@@ -389,7 +427,7 @@ def _update(
                 add("optim/kl_sample_train_v2", float(0.5 * (diff_BT**2).sum()), n_tok)
             add("optim/entropy", float((entropy_BT * mask_BT).sum()), n_tok)
             add("optim/ratio_mean", float((ratio_BT * mask_BT).sum()), n_tok)
-            clipped = ((ratio_BT - 1).abs() > cfg.ppo_clip).float() * mask_BT
+            clipped = ((ratio_BT > 1 + clip_high) | (ratio_BT < 1 - clip_low)).float() * mask_BT
             add("optim/frac_ratio_outside_clip", float(clipped.sum()), n_tok)
             add("optim/loss", float(loss.detach()) / world.size, 0.0)
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -428,16 +466,41 @@ def _ref_logprobs(
             return score(scorer, micro, cfg.temperature, entropy=False)[0]
 
 
+def clip_range(cfg: TrainConfig) -> tuple[float, float]:
+    """(eps_low, eps_high): ratios are clipped to [1 - eps_low, 1 + eps_high]. Each side is
+    ppo_clip unless set; cispo has no lower bound unless ppo_clip_low is set (MiniMax-M1)."""
+    default_low = 1.0 if cfg.loss_fn == "cispo" else cfg.ppo_clip
+    low = cfg.ppo_clip_low if cfg.ppo_clip_low is not None else default_low
+    return low, cfg.ppo_clip_high if cfg.ppo_clip_high is not None else cfg.ppo_clip
+
+
+def _rewards(group: TrajectoryGroup, cfg: TrainConfig) -> torch.Tensor:
+    """The group's rewards as trained on: the env's, plus DAPO's overlong penalty when
+    overlong_buffer is set (by the longest turn of each episode)."""
+    rewards = group.rewards_G
+    if cfg.overlong_buffer:
+        longest = [max(len(t.ac.tokens_T) for t in traj.transitions) for traj in group.trajectories_G]
+        rewards = [r + overlong_penalty(n, cfg.max_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+                   for r, n in zip(rewards, longest, strict=True)]  # fmt: skip
+    return torch.tensor(rewards, dtype=torch.float32)
+
+
+def _has_spread(group: TrajectoryGroup, cfg: TrainConfig) -> bool:
+    return not is_constant(_rewards(group, cfg))
+
+
 def _datums(groups: list[TrajectoryGroup], cfg: TrainConfig) -> list[Datum]:
     datums: list[Datum] = []
     for group in groups:
-        rewards_G = torch.tensor(group.rewards_G, dtype=torch.float32)
+        rewards_G = _rewards(group, cfg)
         if cfg.remove_constant_reward_groups and is_constant(rewards_G):
             continue
         advantages_G = group_advantages(rewards_G, cfg.normalize_advantages_by_std)
         for traj, adv in zip(group.trajectories_G, advantages_G.tolist(), strict=True):
             if any(t.metrics.get("drop_trajectory") for t in traj.transitions):
                 continue  # the env asked to leave it out of the loss (math_python's drop_void_turns)
+            if cfg.overlong_filter and any(t.ac.finish_reason == "length" for t in traj.transitions):
+                continue  # DAPO: a truncated answer's reward says little about its tokens (still in the mean)
             datums += trajectory_datums(traj, adv)
     return datums
 
@@ -529,7 +592,7 @@ def _save_rollouts(log_path: Path, step: int, groups: list[TrajectoryGroup], tok
     folder.mkdir(exist_ok=True)
     rows = []
     for g, group in enumerate(groups):
-        rewards_G = torch.tensor(group.rewards_G, dtype=torch.float32)
+        rewards_G = _rewards(group, cfg)
         dropped = cfg.remove_constant_reward_groups and is_constant(rewards_G)
         advantages = (
             [None] * len(rewards_G)
