@@ -72,23 +72,9 @@ def test_two_ranks_update_equals_one_process(updates, kind, mode, lora):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
+def tiny_dir(tiny_llama_dir) -> Path:
     """A tiny random Llama with the embedded model's tokenizer and chat template."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from mathrl.models import ensure_embedded_model
-
-    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model())
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return tiny_llama_dir("tiny")
 
 
 def _train_args(model: Path | str, log_path: Path, *extra: str) -> list[str]:

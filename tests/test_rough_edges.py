@@ -84,24 +84,12 @@ def test_the_eval_bar_has_an_eta_and_stays_out_of_redirected_output():
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
+def base_dir(tiny_llama_dir) -> Path:
     """A tiny random Llama with the embedded model's tokenizer, saved without a chat template
     (a base model, as Qwen2.5-Math-1.5B is for zero-RL)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    from mathrl.models import ensure_embedded_model
-
-    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model())
-    tokenizer.chat_template = None
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("base")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    path = tiny_llama_dir("base", chat_template=False)
     assert not AutoTokenizer.from_pretrained(path).chat_template
     return path
 
