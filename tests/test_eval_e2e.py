@@ -83,6 +83,14 @@ def test_eval_writes_rows_summaries_and_an_ablation_table_and_resumes(tmp_path):
     changed = _mathrl("eval", "benchmarks=math500", "labels=base", *changed_args, check=False)
     assert changed.returncode == 2 and "max_tokens: 24 -> 32" in changed.stderr
 
+    # another grader: refused on the same rows unless they are all graded again
+    other = _mathrl("eval", "benchmarks=math500", "labels=base", *common, "grader=math_verify", check=False)
+    assert other.returncode == 2 and "grader: 'mathrl' -> 'math_verify'" in other.stderr
+    assert "regrade=true" in other.stderr and _untimed(path) == [_no_seconds(json.loads(line)) for line in before]
+    _mathrl("eval", "benchmarks=math500", "labels=base", *common, "grader=math_verify", "regrade=true")
+    assert json.loads((out / "base" / "math500.settings.json").read_text())["grader"] == "math_verify"
+    assert [r["samples"][0]["text"] for r in _jsonl(path)] == [json.loads(b)["samples"][0]["text"] for b in before]
+
 
 def test_train_on_gsm8k_with_periodic_test_evaluation(tmp_path):
     run = tmp_path / "gsm"

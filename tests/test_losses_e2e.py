@@ -19,7 +19,13 @@ SMALL = [
 # cispo runs with ppo_clip_high (its upper bound, as DAPO's clip-higher is ppo's); ppo's
 # asymmetric clipping is checked in the update itself by tests/test_losses.py and tests/test_update.py.
 RUNS = {
-    "cispo": ["loss_fn=cispo", "ppo_clip_high=0.28", "loss_agg=token_sum_norm", "overlong_filter=true"],
+    "cispo": [
+        "loss_fn=cispo",
+        "ppo_clip_high=0.28",
+        "loss_agg=token_sum_norm",
+        "overlong_filter=true",
+        "grader=math_verify",
+    ],
     "gspo": [
         "loss_fn=gspo",
         "loss_agg=seq_mean",

@@ -43,6 +43,7 @@ from mathrl.eval.config import EvalConfig as EvalConfig  # re-exported
 from mathrl.eval.metrics import BenchmarkSummary, summarize
 from mathrl.eval.report import write_reports
 from mathrl.eval.runner import EvalItem, GenSettings, evaluate, items_from_problems, to_results
+from mathrl.grading import use_grader
 from mathrl.models import EMBEDDED_MODEL, check_model_name, load_tokenizer
 from mathrl.prompts import find_prompt_format
 from mathrl.report import report_safely
@@ -56,6 +57,7 @@ _GENERATION_KEYS = ("split", "n", "temperature", "top_p", "max_tokens", "seed", 
 
 def run_eval(cfg: EvalConfig) -> dict[str, list[BenchmarkSummary]]:
     console = Console()
+    use_grader(cfg.grader)
     benchmarks = [b.strip() for b in cfg.benchmarks.split(",") if b.strip()]
     problem_sets = {bench_name(b): _problems(cfg, b) for b in benchmarks}
     if cfg.tools:
@@ -124,8 +126,13 @@ def generate_and_grade(
     ``folder/<name>.jsonl`` (resumed; refused when ``generation_keys`` of ``cfg`` changed).
     What ``mathrl eval`` and ``mathrl distill`` share: ``cfg`` has their prompt and sampling fields."""
     folder.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(cfg, k) for k in generation_keys}
-    keep_settings(folder / f"{name}.settings.json", settings, f"output_dir={cfg.output_dir}: {label}/{name}")
+    settings = {**{k: getattr(cfg, k) for k in generation_keys}, "grader": cfg.grader}
+    keep_settings(
+        folder / f"{name}.settings.json",
+        settings,
+        f"output_dir={cfg.output_dir}: {label}/{name}",
+        free=("grader",) if regrade else (),
+    )
     style = cfg.style or ("gsm8k" if name == "gsm8k" else "boxed")
     items = items_from_problems(
         problems, suffix=cfg.suffix, few_shot=cfg.few_shot, system_prompt=cfg.system_prompt, style=style
@@ -185,20 +192,22 @@ def _tool_item(item: EvalItem, question: str, options: ToolOptions) -> EvalItem:
     )  # fmt: skip
 
 
-_ADDED_KEYS = {"prompt_format": "chat"}
+_ADDED_KEYS = {"prompt_format": "chat", "grader": "mathrl"}
 """Settings added after results were first recorded: what files written before them were made with."""
 
 
-def keep_settings(path: Path, settings: dict[str, Any], what: str) -> None:
-    """Record the settings a results file is generated with; refuse to add to it with others."""
+def keep_settings(path: Path, settings: dict[str, Any], what: str, free: Sequence[str] = ()) -> None:
+    """Record the settings a results file is generated with; refuse to add to it with others
+    (``free`` keys may change: regrade=true grades every row again with the new grader)."""
     if path.exists():
         before = {**_ADDED_KEYS, **json.loads(path.read_text())}
-        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        changed = sorted(k for k in settings if before.get(k) != settings[k] and k not in free)
         if changed:
+            hint = " (or regrade=true: every row graded again)" if changed == ["grader"] else ""
             raise ValueError(
                 f"{what} was generated with other settings "
                 f"({', '.join(f'{k}: {before.get(k)!r} -> {settings[k]!r}' for k in changed)}); "
-                "use a new output_dir"
+                f"use a new output_dir{hint}"
             )
     atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from mathrl import EMBEDDED_MODEL
 from mathrl.config import option
+from mathrl.grading import GRADER_HELP, GRADERS
 from mathrl.prompts import PROMPT_FORMAT_CHOICES, PROMPT_FORMAT_HELP, TINKER_SUFFIX
 from mathrl.tools.formats import PARSER_CHOICES
 
@@ -62,6 +63,7 @@ class EvalConfig:
     max_retries: int = field(default=5, metadata=option("Retries of a failed request (429, 5xx, network).", min=0))
     timeout_s: float = field(default=300.0, metadata=option("Per-request timeout in seconds.", min=1))
     grading_timeout: float = field(default=2.0, metadata=option("Wall-clock limit per answer comparison.", min=0.1))
+    grader: str = field(default="mathrl", metadata=option(GRADER_HELP, choices=tuple(GRADERS)))
     regrade: bool = field(default=False, metadata=option("Grade finished problems again with the current grader."))
     output_dir: str = field(
         default="", metadata=option("Where results go (default runs/eval-<time>); reuse to resume.")

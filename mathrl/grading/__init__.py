@@ -7,13 +7,16 @@ Public API (other tools call these; keep the signatures)::
     grade_response(response, reference, style="boxed") -> bool
     grade_batch(responses, references, style="boxed", timeout=2.0) -> list[Grade]
     answers_match_batch(givens, references, timeout=2.0) -> list[Grade]
+    use_grader(name)  # "mathrl" (default) or "math_verify": what grade_batch uses in this process
 
 Every comparison finishes within ``timeout`` seconds of wall time: cheap checks run in
 the caller's process, symbolic ones in worker processes that are killed at the deadline
 (:mod:`mathrl.grading.pool`). A timeout counts as not equal and is reported in
 :class:`Grade`. Layout: ``extract`` (final answer), ``normalize`` (typography),
 ``numbers`` (exact rationals), ``structure`` (lists, tuples, intervals, named values),
-``match`` (the policy), ``symbolic`` (sympy), ``pool`` (deadlines).
+``match`` (the policy), ``symbolic`` (sympy), ``pool`` (deadlines), ``peer`` (math-verify as
+the grader, ``grader=math_verify``: extraction and comparison as open-r1 and TRL do them, in the
+same workers under the same deadlines).
 """
 
 from __future__ import annotations
@@ -21,14 +24,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mathrl.grading import peer
 from mathrl.grading.extract import STYLES, extract_answer
 from mathrl.grading.match import NeedsSymbolic, match
 from mathrl.grading.pool import shared_pool
 
 DEFAULT_TIMEOUT = 2.0
+GRADERS = {
+    "mathrl": "mathrl's policy (mathrl.grading.match; the default)",
+    "math_verify": "Hugging Face math-verify, as open-r1/TRL call it (extra [math_verify])",
+}
+GRADER_HELP = "Answer grader: " + "; ".join(f"{k}: {v}" for k, v in GRADERS.items()) + "."
+_grader = "mathrl"
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "GRADERS",
     "STYLES",
     "Grade",
     "answers_match",
@@ -36,6 +47,7 @@ __all__ = [
     "extract_answer",
     "grade_batch",
     "grade_response",
+    "use_grader",
 ]
 
 
@@ -59,18 +71,38 @@ def grade_response(response: str, reference: str, style: str = "boxed", timeout:
     return grade_batch([response], [reference], style=style, timeout=timeout)[0].correct
 
 
+def use_grader(name: str) -> None:
+    """Grade with ``name`` (a key of GRADERS) from now on in this process: a command's
+    ``grader=`` option, set once at its start, reaches every env and evaluation that grades."""
+    global _grader
+    if name not in GRADERS:
+        raise ValueError(f"grader: unknown {name!r}; expected one of {', '.join(GRADERS)}")
+    if name == "math_verify" and not peer.available():
+        raise ValueError(f"grader=math_verify needs {peer.PACKAGE}: pip install 'mathrl[math_verify]'")
+    _grader = name
+
+
 def grade_batch(
     responses: Sequence[str],
     references: Sequence[str],
     *,
     style: str | Sequence[str] = "boxed",
     timeout: float = DEFAULT_TIMEOUT,
+    grader: str | None = None,
 ) -> list[Grade]:
     """:func:`grade_response` for many pairs; symbolic work runs in parallel workers.
-    ``style`` is one answer style for all, or one per response."""
+    ``style`` is one answer style for all, or one per response; ``grader`` defaults to the
+    process's (:func:`use_grader`)."""
     styles = [style] * len(responses) if isinstance(style, str) else list(style)
     if len(styles) != len(responses):
         raise ValueError(f"grade_batch: {len(styles)} styles for {len(responses)} responses")
+    if (grader or _grader) == "math_verify":
+        tasks = [["math_verify", r, ref, st] for r, ref, st in zip(responses, references, styles, strict=True)]
+        replies = shared_pool().run(tasks, timeout) if tasks else []
+        return [
+            Grade(False, None, timed_out=True) if reply is None else Grade(bool(reply[0]), reply[1])
+            for reply in replies
+        ]
     answers = [extract_answer(r, st) for r, st in zip(responses, styles, strict=True)]
     return answers_match_batch(answers, references, timeout=timeout)
 

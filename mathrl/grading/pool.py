@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 from mathrl.workers import Worker, ready
 
@@ -32,9 +33,10 @@ class _GradingWorker(Worker):
 
 
 class GradingPool:
-    """``size`` workers; :meth:`run` compares many pairs, each within ``timeout`` seconds.
+    """``size`` workers; :meth:`run` does many tasks (:mod:`mathrl.grading.worker`), each within
+    ``timeout`` seconds.
 
-    Returns True/False per pair, or None for a pair that timed out (or crashed its worker).
+    Returns each task's reply, or None for a task that timed out (or crashed its worker).
     Thread-safe (one batch at a time). Workers start on first use and stay up.
     """
 
@@ -43,8 +45,8 @@ class GradingPool:
         self.workers: list[_GradingWorker] = []
         self.lock = threading.Lock()
 
-    def run(self, pairs: Sequence[tuple[str, str]], timeout: float) -> list[bool | None]:
-        results: list[bool | None] = [None] * len(pairs)
+    def run(self, pairs: Sequence[Sequence[Any]], timeout: float) -> list[Any]:
+        results: list[Any] = [None] * len(pairs)
         if not pairs:
             return results
         with self.lock:
@@ -83,7 +85,7 @@ class GradingPool:
                         if message == "ready":
                             w.ready = True
                         elif w.task is not None:
-                            results[w.task] = bool(message)
+                            results[w.task] = message
                             w.task = None
                             busy -= 1
                 now = time.monotonic()

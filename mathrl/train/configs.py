@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from mathrl import EMBEDDED_MODEL
 from mathrl.config import option
+from mathrl.grading import GRADER_HELP, GRADERS
 from mathrl.prompts import PROMPT_FORMAT_CHOICES, PROMPT_FORMAT_HELP, TINKER_SUFFIX
 from mathrl.rl.losses import AGGREGATIONS, LOSSES  # torch-free: the registries are the choices
 from mathrl.tools.formats import PARSER_CHOICES
@@ -100,6 +101,7 @@ class TrainConfig:
     dynamic_sampling_max_draws: int = field(
         default=4, metadata=option("Most extra batches drawn per step by dynamic_sampling.", min=0)
     )
+    grader: str = field(default="mathrl", metadata=option(GRADER_HELP, choices=tuple(GRADERS)))
     kl_penalty_coef: float = field(default=0.0, metadata=option("k3 KL penalty to the starting weights.", min=0))
     normalize_advantages_by_std: bool = field(default=False, metadata=option("Divide advantages by the group std."))
     remove_constant_reward_groups: bool = field(default=True, metadata=option("Drop groups with no reward spread."))
@@ -287,6 +289,7 @@ class DistillConfig:
     keep_truncated: bool = field(
         default=False, metadata=option("Also keep correct replies cut off at max_tokens as traces.")
     )
+    grader: str = field(default="mathrl", metadata=option(GRADER_HELP, choices=tuple(GRADERS)))
     dtype: Literal["bf16", "fp32"] = field(
         default="bf16", metadata=option("Local weights: bf16 is faster on CPU; fp32 samples the same however batched.")
     )

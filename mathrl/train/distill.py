@@ -39,6 +39,7 @@ from mathrl import traces as tr
 from mathrl.data.datasets import DataError, load_problems, parse_fields, split_list
 from mathrl.eval.command import bench_name, generate_and_grade, model_backends
 from mathrl.eval.runner import EvalItem
+from mathrl.grading import use_grader
 from mathrl.prompts import math_messages
 from mathrl.report import report_safely
 from mathrl.tracking import atomic_write_text, write_jsonl
@@ -52,6 +53,7 @@ _GENERATION_KEYS = ("split", "fields", "answer_from", "n", "temperature", "top_p
 
 def run_distill(cfg: DistillConfig) -> Path:
     """Generate, grade, write traces and the yield report; returns the output directory."""
+    use_grader(cfg.grader)
     names = [d.strip() for d in cfg.datasets.split(",") if d.strip()]
     if not names:
         raise ValueError("datasets: expected at least one dataset name or file")

@@ -46,6 +46,7 @@ from mathrl.envs.registry import make_dataset
 from mathrl.eval.metrics import summarize, test_metrics
 from mathrl.eval.runner import EvalItem, GenSettings, to_results
 from mathrl.eval.runner import evaluate as run_eval_items
+from mathrl.grading import use_grader
 from mathrl.models import base_of, check_model_name, eos_token_ids, load_model, load_tokenizer
 from mathrl.parallel import World
 from mathrl.plots import plot_metrics
@@ -85,6 +86,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Run (or resume) GRPO; return the run directory."""
     check_model_name(cfg.model_name, "model_name")  # before anything is created
     _check_sampler(cfg)
+    use_grader(cfg.grader)
     if cfg.overlong_buffer > cfg.max_tokens:
         raise ConfigError(f"overlong_buffer={cfg.overlong_buffer}: must be at most max_tokens={cfg.max_tokens}")
     start = _starting_checkpoint(cfg)
