@@ -12,7 +12,11 @@ only sees this protocol, so a faster backend (vLLM, an HTTP endpoint) can replac
 - randomness comes from a ``torch.Generator`` seeded per call, so a resumed run draws
   exactly the samples an uninterrupted one would;
 - a row ends at an end-of-turn token or, when ``stop`` strings are given (the end of a
-  tool call), once its decoded tail contains one of them.
+  tool call), once its decoded tail contains one of them;
+- calls of ``STATIC_MIN_TOKENS`` tokens or more decode over a preallocated cache with prepacked
+  weights (:mod:`mathrl.rollout.static_cache`) when the model is a Llama-style decoder; shorter
+  ones (the main job's 16-token answers) stay on transformers' forward, where packing the weights
+  after every update would cost more than it saves.
 Logprobs are those of the distribution actually sampled from (logits / temperature);
 at temperature 0 (greedy) they are the temperature-1 logprobs of the chosen token.
 """
@@ -27,7 +31,11 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from mathrl.models import cache_kwarg
+from mathrl.rollout.static_cache import StaticDecoder, unsupported
 from mathrl.types import Completion
+
+STATIC_MIN_TOKENS = 32
+"""Calls with at least this many new tokens use the static-cache decoder (``static_cache=auto``)."""
 
 
 class Sampler(Protocol):
@@ -68,8 +76,15 @@ class TorchSampler:
         pad_token_id: int,
         max_batch: int = 256,
         tokenizer: Any = None,
+        static_cache: str = "auto",
     ):
+        if static_cache not in ("auto", "on", "off"):
+            raise ValueError(f"static_cache: expected auto, on or off, got {static_cache!r}")
+        if static_cache == "on" and (reason := unsupported(model)) is not None:
+            raise ValueError(f"static_cache=on: {reason}")
         self.model = model.eval()
+        self.static_cache = static_cache
+        self._decoder: StaticDecoder | None = None  # built on first use, dropped when weights change
         self.eos_token_ids = torch.tensor(sorted(set(eos_token_ids)))
         self.pad_token_id = pad_token_id
         self.max_batch = max_batch
@@ -83,7 +98,18 @@ class TorchSampler:
 
         with self._lock:
             sync_weights(policy, self.model)
+            self._decoder = None
             self.version = version
+
+    def _static_decoder(self, max_tokens: int) -> StaticDecoder | None:
+        """The static-cache decoder for a call of ``max_tokens``, or None: the eager path."""
+        if self.static_cache == "off" or (self.static_cache == "auto" and max_tokens < STATIC_MIN_TOKENS):
+            return None
+        if self.static_cache == "auto" and unsupported(self.model) is not None:
+            return None
+        if self._decoder is None:
+            self._decoder = StaticDecoder(self.model)
+        return self._decoder
 
     def sample(
         self,
@@ -205,6 +231,10 @@ class TorchSampler:
         mask_BL = mask_UL[expand_B]
         next_pos_B = positions_UL[expand_B, -1] + 1
         batch = len(expand_B)
+        decoder = self._static_decoder(max_tokens)
+        state = decoder.start(cache, mask_BL, max_tokens) if decoder is not None else None
+        if state is not None:
+            cache = DynamicCache()  # its tensors now live in the static cache
         tokens_BT = torch.full((batch, max_tokens), self.pad_token_id, dtype=torch.long)
         logprobs_BT = torch.zeros((batch, max_tokens))
         # Rows still decoding: ``live`` maps them to their output row. With per-row random
@@ -233,20 +263,26 @@ class TorchSampler:
                 break
             if isinstance(generator, list) and int(done_L.sum()) * 4 >= len(live):
                 keep = (~done_L).nonzero().squeeze(-1)
-                cache.batch_select_indices(keep.to(dev))
+                if decoder is not None and state is not None:
+                    decoder.select(state, keep)
+                else:
+                    cache.batch_select_indices(keep.to(dev))
                 live, tok_L, done_L = live[keep], tok_L[keep], done_L[keep]
                 mask_BL, next_pos_B = mask_BL[keep], next_pos_B[keep]
                 generator = [generator[i] for i in keep.tolist()]
-            mask_BL = torch.cat([mask_BL, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
-            out = self.model(
-                input_ids=tok_L[:, None].to(dev),
-                attention_mask=mask_BL.to(dev),
-                position_ids=next_pos_B[:, None].to(dev),
-                **{cache_kwarg(self.model): cache},
-                use_cache=True,
-            )
+            if decoder is not None and state is not None:
+                logits_BV = decoder.step(state, tok_L.to(dev), next_pos_B.to(dev))
+            else:
+                mask_BL = torch.cat([mask_BL, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
+                out = self.model(
+                    input_ids=tok_L[:, None].to(dev),
+                    attention_mask=mask_BL.to(dev),
+                    position_ids=next_pos_B[:, None].to(dev),
+                    **{cache_kwarg(self.model): cache},
+                    use_cache=True,
+                )
+                logits_BV = out.logits[:, -1]
             next_pos_B = next_pos_B + 1
-            logits_BV = out.logits[:, -1]
         if on_row_done is not None:  # rows cut off at max_tokens end here
             for b in (ends_B < 0).nonzero().squeeze(-1).tolist():
                 on_row_done(b)
