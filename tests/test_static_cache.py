@@ -152,3 +152,20 @@ def test_auto_uses_the_static_path_only_for_long_calls(tiny_model):
     assert sampler._decoder is None  # the main job's 16-token answers: transformers' forward
     sampler.sample(PROMPTS, max_tokens=STATIC_MIN_TOKENS, temperature=0.0, seed=0)
     assert sampler._decoder is not None
+
+
+def test_weights_changed_in_place_are_seen_without_update_weights(tiny_model):
+    """``mathrl serve``'s /collective_rpc reload copies new tensors into the served model's
+    parameters: the packed copies of the old ones must not keep answering."""
+    model = LlamaForCausalLM(tiny_model.config).eval()
+    model.load_state_dict(tiny_model.state_dict())
+    sampler = TorchSampler(model, [EOS], pad_token_id=0, static_cache="on")
+    before = sampler.sample(PROMPTS, max_tokens=12, temperature=0.0, seed=0)
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight.mul_(-3)  # packed into the fused gate/up copy
+    after = sampler.sample(PROMPTS, max_tokens=12, temperature=0.0, seed=0)
+    expected = TorchSampler(model, [EOS], pad_token_id=0, static_cache="off").sample(
+        PROMPTS, max_tokens=12, temperature=0.0, seed=0
+    )
+    _assert_same(expected, after)
+    assert [c.tokens_T for c in after] != [c.tokens_T for c in before]

@@ -84,7 +84,8 @@ class TorchSampler:
             raise ValueError(f"static_cache=on: {reason}")
         self.model = model.eval()
         self.static_cache = static_cache
-        self._decoder: StaticDecoder | None = None  # built on first use, dropped when weights change
+        self._decoder: StaticDecoder | None = None  # built on first use, rebuilt when the weights change
+        self._decoder_version = -1
         self.eos_token_ids = torch.tensor(sorted(set(eos_token_ids)))
         self.pad_token_id = pad_token_id
         self.max_batch = max_batch
@@ -107,8 +108,9 @@ class TorchSampler:
             return None
         if self.static_cache == "auto" and unsupported(self.model) is not None:
             return None
-        if self._decoder is None:
-            self._decoder = StaticDecoder(self.model)
+        version = _weights_version(self.model)
+        if self._decoder is None or self._decoder_version != version:  # packed copies of older weights
+            self._decoder, self._decoder_version = StaticDecoder(self.model), version
         return self._decoder
 
     def sample(
@@ -304,6 +306,13 @@ _PREFILL_CELLS = 2**24
 """Prompts are prefilled together, left-padded to the longest: rows x length^2 is the size of
 one head's attention scores. Past this a new chunk starts (measured: 64 rows padded to one
 800-token prompt took 6+ GB), so one long multi-turn prompt does not pad all the others."""
+
+
+def _weights_version(model: torch.nn.Module) -> int:
+    """Changes whenever a weight is modified in place (autograd's version counters): the static
+    decoder holds packed copies, so any update (a training step's sync, ``mathrl serve``'s weight
+    reload) must rebuild it."""
+    return sum(p._version for p in model.parameters())
 
 
 def _common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
