@@ -169,3 +169,13 @@ def test_weights_changed_in_place_are_seen_without_update_weights(tiny_model):
     )
     _assert_same(expected, after)
     assert [c.tokens_T for c in after] != [c.tokens_T for c in before]
+
+
+def test_the_environment_can_turn_the_static_path_off(tiny_model, monkeypatch):
+    monkeypatch.setenv("MATHRL_STATIC_CACHE", "off")
+    sampler = TorchSampler(tiny_model, [EOS], pad_token_id=0)
+    sampler.sample(PROMPTS, max_tokens=STATIC_MIN_TOKENS, temperature=0.0, seed=0)
+    assert sampler._decoder is None
+    monkeypatch.setenv("MATHRL_STATIC_CACHE", "fast")
+    with pytest.raises(ValueError, match="MATHRL_STATIC_CACHE / static_cache: expected auto, on or off, got 'fast'"):
+        TorchSampler(tiny_model, [EOS], pad_token_id=0)

@@ -16,13 +16,15 @@ only sees this protocol, so a faster backend (vLLM, an HTTP endpoint) can replac
 - calls of ``STATIC_MIN_TOKENS`` tokens or more decode over a preallocated cache with prepacked
   weights (:mod:`mathrl.rollout.static_cache`) when the model is a Llama-style decoder; shorter
   ones (the main job's 16-token answers) stay on transformers' forward, where packing the weights
-  after every update would cost more than it saves.
+  after every update would cost more than it saves. ``MATHRL_STATIC_CACHE=off`` (or ``on``) in the
+  environment overrides that choice for every command.
 Logprobs are those of the distribution actually sampled from (logits / temperature);
 at temperature 0 (greedy) they are the temperature-1 logprobs of the chosen token.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -76,10 +78,11 @@ class TorchSampler:
         pad_token_id: int,
         max_batch: int = 256,
         tokenizer: Any = None,
-        static_cache: str = "auto",
+        static_cache: str | None = None,
     ):
+        static_cache = static_cache or os.environ.get("MATHRL_STATIC_CACHE", "auto")
         if static_cache not in ("auto", "on", "off"):
-            raise ValueError(f"static_cache: expected auto, on or off, got {static_cache!r}")
+            raise ValueError(f"MATHRL_STATIC_CACHE / static_cache: expected auto, on or off, got {static_cache!r}")
         if static_cache == "on" and (reason := unsupported(model)) is not None:
             raise ValueError(f"static_cache=on: {reason}")
         self.model = model.eval()
