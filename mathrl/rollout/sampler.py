@@ -13,11 +13,11 @@ only sees this protocol, so a faster backend (vLLM, an HTTP endpoint) can replac
   exactly the samples an uninterrupted one would;
 - a row ends at an end-of-turn token or, when ``stop`` strings are given (the end of a
   tool call), once its decoded tail contains one of them;
-- calls of ``STATIC_MIN_TOKENS`` tokens or more decode over a preallocated cache with prepacked
-  weights (:mod:`mathrl.rollout.static_cache`) when the model is a Llama-style decoder; shorter
-  ones (the main job's 16-token answers) stay on transformers' forward, where packing the weights
-  after every update would cost more than it saves. ``MATHRL_STATIC_CACHE=off`` (or ``on``) in the
-  environment overrides that choice for every command.
+- ``static_cache="auto"`` (or ``MATHRL_STATIC_CACHE=auto`` in the environment, for every command):
+  calls of ``STATIC_MIN_TOKENS`` tokens or more decode over a preallocated cache with prepacked
+  weights (:mod:`mathrl.rollout.static_cache`) when the model is a Llama-style decoder; ``on``:
+  every call. Off by default: measured end to end (bench/generation.py, 2026-11-30) it decodes
+  no faster than this eager loop yet, so it is opt-in until it is.
 Logprobs are those of the distribution actually sampled from (logits / temperature);
 at temperature 0 (greedy) they are the temperature-1 logprobs of the chosen token.
 """
@@ -37,7 +37,9 @@ from mathrl.rollout.static_cache import StaticDecoder, unsupported
 from mathrl.types import Completion
 
 STATIC_MIN_TOKENS = 32
-"""Calls with at least this many new tokens use the static-cache decoder (``static_cache=auto``)."""
+"""With ``static_cache=auto``, calls of at least this many new tokens use the static-cache decoder
+(shorter ones, like the main job's 16-token answers, would repack the weights after every update
+for too few tokens to gain from it)."""
 
 
 class Sampler(Protocol):
@@ -80,7 +82,7 @@ class TorchSampler:
         tokenizer: Any = None,
         static_cache: str | None = None,
     ):
-        static_cache = static_cache or os.environ.get("MATHRL_STATIC_CACHE", "auto")
+        static_cache = static_cache or os.environ.get("MATHRL_STATIC_CACHE", "off")
         if static_cache not in ("auto", "on", "off"):
             raise ValueError(f"MATHRL_STATIC_CACHE / static_cache: expected auto, on or off, got {static_cache!r}")
         if static_cache == "on" and (reason := unsupported(model)) is not None:
