@@ -58,6 +58,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from mathrl.grading.peer import matched_text, wrap
+
 MATHRL = "mathrl"
 MATH_VERIFY = "math-verify"
 TINKER = "tinker-cookbook"
@@ -147,23 +149,12 @@ class GraderRun:
 PeerFn = Callable[[Case], tuple[bool, str | None]]
 
 
-def _wrap_dollars(text: str) -> str:
-    """As tinker-cookbook's grade_answer_math_verify: add $...$ unless it starts or ends with $."""
-    return text if text.startswith("$") or text.endswith("$") else f"${text}$"
-
-
-def _first_str(parsed: Sequence[Any]) -> str | None:
-    # parse() returns [sympy object, matched string]; never str() a sympy object (it can hang).
-    strings = [item for item in parsed if isinstance(item, str)]
-    return strings[-1] if strings else None
-
-
 def grade_math_verify(case: Case) -> tuple[bool, str | None]:
     from math_verify import parse, verify
 
-    gold = parse(_wrap_dollars(case.reference))
-    pred = parse(_wrap_dollars(case.text) if case.kind == "answer" else case.text)
-    return bool(verify(gold, pred)), _first_str(pred)
+    gold = parse(wrap(case.reference))
+    pred = parse(wrap(case.text) if case.kind == "answer" else case.text)
+    return bool(verify(gold, pred)), matched_text(pred)
 
 
 def grade_tinker(case: Case) -> tuple[bool, str | None]:

@@ -21,6 +21,8 @@ import logging
 from mathrl.grading.extract import extract_answer
 
 PACKAGE = "math-verify"
+for _name in ("math_verify", "latex2sympy2_extended"):  # they log a warning per unparsable answer
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 
 def available() -> bool:
@@ -28,9 +30,15 @@ def available() -> bool:
 
 
 def wrap(text: str) -> str:
-    """``$text$`` unless it already starts or ends with ``$``."""
-    text = text.strip()
+    """As tinker-cookbook's grade_answer_math_verify: ``$text$`` unless it starts or ends with ``$``."""
     return text if text.startswith("$") or text.endswith("$") else f"${text}$"
+
+
+def matched_text(parsed: list[object]) -> str | None:
+    """The text math-verify matched: ``parse`` returns [sympy object, matched string]; a sympy
+    object is never str()-ed (printing one can take unbounded time)."""
+    strings = [item for item in parsed if isinstance(item, str)]
+    return strings[-1] if strings else None
 
 
 def grade(response: str, reference: str, style: str) -> tuple[bool, str | None]:
@@ -38,9 +46,7 @@ def grade(response: str, reference: str, style: str) -> tuple[bool, str | None]:
     from latex2sympy2_extended import NormalizationConfig
     from math_verify import LatexExtractionConfig, parse, verify
 
-    for name in ("math_verify", "latex2sympy2_extended"):  # a warning per unparsable answer
-        logging.getLogger(name).setLevel(logging.ERROR)
-    gold = parse(wrap(reference), extraction_mode="first_match", parsing_timeout=None)
+    gold = parse(wrap(reference.strip()), extraction_mode="first_match", parsing_timeout=None)
     if style == "boxed":
         config = LatexExtractionConfig(
             normalization_config=NormalizationConfig(
@@ -54,10 +60,10 @@ def grade(response: str, reference: str, style: str) -> tuple[bool, str | None]:
         extracted = extract_answer(response, style)
         if extracted is None:
             return False, None
-        answer = parse(wrap(extracted), extraction_mode="first_match", parsing_timeout=None)
+        answer = parse(wrap(extracted.strip()), extraction_mode="first_match", parsing_timeout=None)
     if not answer:
         return False, None
-    text = str(answer[-1])
+    text = matched_text(answer)
     if not gold:
         return False, text
     return bool(verify(gold, answer, timeout_seconds=None)), text

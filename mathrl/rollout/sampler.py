@@ -103,8 +103,7 @@ class TorchSampler:
         from mathrl.models import sync_weights
 
         with self._lock:
-            sync_weights(policy, self.model)
-            self._decoder = None
+            sync_weights(policy, self.model)  # in place: the static decoder sees the new version
             self.version = version
 
     def _static_decoder(self, max_tokens: int) -> StaticDecoder | None:
