@@ -1,8 +1,8 @@
-"""Generation side by side on the same token-id prompts: mathrl's TorchSampler (static-cache path and
-the eager path it replaces), HF ``generate`` (batched, left-padded) and vLLM-CPU. One run.
+"""Generation side by side on the same token-id prompts: mathrl's TorchSampler (its default, the
+static-cache path, and the eager path that path replaces), HF ``generate`` (batched, left-padded) and vLLM-CPU. One run.
 
     .venv/bin/python bench/generation.py                      # everything, ~15-20 min on 2 cores
-    .venv/bin/python bench/generation.py --systems mathrl,mathrl_static --workloads gsm8k32_greedy
+    .venv/bin/python bench/generation.py --systems mathrl,mathrl_eager --workloads gsm8k32_greedy
     .venv/bin/python bench/generation.py --table          # the table again from --out/results.json
 
 Workloads (embedded SmolLM2-135M-Instruct, bf16; prompts rendered by mathrl's Renderer as eval does):
@@ -12,9 +12,11 @@ Workloads (embedded SmolLM2-135M-Instruct, bf16; prompts rendered by mathrl's Re
          tokens, temperature 1 (what a training step samples).
 Systems, each in its own process, one after the other, nothing else running:
   mathrl:        ``TorchSampler`` as ``mathrl eval`` calls it (per-row seeds; arith with one seed, as
-                 training does): transformers' forward with a DynamicCache, the default;
-  mathrl_static: the same with ``static_cache=auto`` (calls of 32+ tokens decode with
-                 mathrl.rollout.static_cache: preallocated cache, prepacked weights);
+                 training does), its default ``static_cache=auto``: calls of 32+ tokens decode with
+                 mathrl.rollout.static_cache (preallocated cache, prepacked weights, SDPA), arith's
+                 16-token calls with transformers' forward;
+  mathrl_eager:  the same with ``static_cache=off`` (transformers' forward with a DynamicCache
+                 for every call: the path before the static cache);
   hf:           ``model.generate`` on the left-padded batch (greedy, or do_sample at T=1);
   vllm:         vLLM-CPU 0.32 in its own venv (mathrl.vllm_cpu; both cores bound), one batched
                 ``/v1/completions`` request with token-id prompts; skipped with a message when its venv
@@ -56,7 +58,7 @@ WORKLOADS: dict[str, tuple[str, int, int, float]] = {  # name: (prompts, rows, m
     "gsm8k64_t1": ("gsm8k", 64, 256, 1.0),
     "arith": ("arith", 64, 16, 1.0),
 }
-SYSTEMS = ("mathrl", "mathrl_static", "hf", "vllm")
+SYSTEMS = ("mathrl", "mathrl_eager", "hf", "vllm")
 SERVED = "smollm2"
 
 
@@ -122,7 +124,7 @@ def torch_worker(system: str, prompts_path: Path, out: Path, workloads: list[str
     model = load_model(EMBEDDED_MODEL, torch.bfloat16).eval()
     eos = eos_token_ids(tokenizer)
     sampler = TorchSampler(model, eos, tokenizer.pad_token_id, tokenizer=tokenizer,
-                           static_cache="auto" if system == "mathrl_static" else "off")  # fmt: skip
+                           static_cache="off" if system == "mathrl_eager" else "auto")  # fmt: skip
 
     def run(ps: list[list[int]], max_tokens: int, temperature: float, seed: int) -> list[list[int]]:
         if system == "hf":

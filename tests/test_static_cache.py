@@ -147,8 +147,7 @@ def test_unsupported_models_decode_eagerly_or_are_refused_by_name():
 
 
 def test_auto_uses_the_static_path_only_for_long_calls(tiny_model):
-    assert TorchSampler(tiny_model, [EOS], pad_token_id=0).static_cache == "off"  # opt-in for now
-    sampler = TorchSampler(tiny_model, [EOS], pad_token_id=0, static_cache="auto")
+    sampler = TorchSampler(tiny_model, [EOS], pad_token_id=0)  # auto is the default
     sampler.sample(PROMPTS, max_tokens=STATIC_MIN_TOKENS - 1, temperature=0.0, seed=0)
     assert sampler._decoder is None  # the main job's 16-token answers: transformers' forward
     sampler.sample(PROMPTS, max_tokens=STATIC_MIN_TOKENS, temperature=0.0, seed=0)
@@ -184,3 +183,21 @@ def test_the_environment_chooses_the_path_for_every_command(tiny_model, monkeypa
     monkeypatch.setenv("MATHRL_STATIC_CACHE", "fast")
     with pytest.raises(ValueError, match="MATHRL_STATIC_CACHE / static_cache: expected auto, on or off, got 'fast'"):
         TorchSampler(tiny_model, [EOS], pad_token_id=0)
+
+
+def test_a_cache_too_large_for_free_memory_takes_the_growing_path(tiny_model, monkeypatch):
+    from mathrl.rollout import static_cache
+
+    sampler = TorchSampler(tiny_model, [EOS], pad_token_id=0, static_cache="on")
+    decoder = sampler._static_decoder(40)
+    assert decoder is not None and decoder.fits(len(PROMPTS), 45)
+    starts = []
+    monkeypatch.setattr(static_cache.StaticDecoder, "start", lambda self, *a: starts.append(a) or None)
+    monkeypatch.setattr(static_cache, "_free_memory", lambda device: 1000)  # bytes: nothing fits
+    assert not decoder.fits(len(PROMPTS), 45)
+    got = sampler.sample(PROMPTS, max_tokens=40, temperature=0.0, seed=0)
+    assert starts == []  # the static cache was never allocated
+    expected = TorchSampler(tiny_model, [EOS], pad_token_id=0, static_cache="off").sample(
+        PROMPTS, max_tokens=40, temperature=0.0, seed=0
+    )
+    _assert_same(expected, got)

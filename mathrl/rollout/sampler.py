@@ -13,11 +13,11 @@ only sees this protocol, so a faster backend (vLLM, an HTTP endpoint) can replac
   exactly the samples an uninterrupted one would;
 - a row ends at an end-of-turn token or, when ``stop`` strings are given (the end of a
   tool call), once its decoded tail contains one of them;
-- ``static_cache="auto"`` (or ``MATHRL_STATIC_CACHE=auto`` in the environment, for every command):
-  calls of ``STATIC_MIN_TOKENS`` tokens or more decode over a preallocated cache with prepacked
-  weights (:mod:`mathrl.rollout.static_cache`) when the model is a Llama-style decoder; ``on``:
-  every call. Off by default: measured end to end (bench/generation.py, 2026-11-30) it decodes
-  no faster than this eager loop yet, so it is opt-in until it is.
+- ``static_cache="auto"`` (the default): calls of ``STATIC_MIN_TOKENS`` tokens or more decode over a
+  preallocated cache with prepacked weights and SDPA attention (:mod:`mathrl.rollout.static_cache`)
+  when the model is a Llama-style decoder; shorter calls and other models take transformers'
+  forward with a DynamicCache. ``on``: every call; ``off``: never. ``MATHRL_STATIC_CACHE`` in the
+  environment sets it for every command.
 Logprobs are those of the distribution actually sampled from (logits / temperature);
 at temperature 0 (greedy) they are the temperature-1 logprobs of the chosen token.
 """
@@ -82,7 +82,7 @@ class TorchSampler:
         tokenizer: Any = None,
         static_cache: str | None = None,
     ):
-        static_cache = static_cache or os.environ.get("MATHRL_STATIC_CACHE", "off")
+        static_cache = static_cache or os.environ.get("MATHRL_STATIC_CACHE", "auto")
         if static_cache not in ("auto", "on", "off"):
             raise ValueError(f"MATHRL_STATIC_CACHE / static_cache: expected auto, on or off, got {static_cache!r}")
         if static_cache == "on" and (reason := unsupported(model)) is not None:
@@ -238,6 +238,8 @@ class TorchSampler:
         next_pos_B = positions_UL[expand_B, -1] + 1
         batch = len(expand_B)
         decoder = self._static_decoder(max_tokens)
+        if decoder is not None and not decoder.fits(batch, mask_BL.shape[1] + max_tokens):
+            decoder = None  # the preallocated cache would not fit: the cache that grows as needed
         state = decoder.start(cache, mask_BL, max_tokens) if decoder is not None else None
         if state is not None:
             cache = DynamicCache()  # its tensors now live in the static cache

@@ -9,12 +9,18 @@ does) at 0.18 ms, at batch 32 and 64 alike; transformers' decode step (DynamicCa
 the whole cache at every token, sdpa's CPU flash kernel at 0.9 ms per call for one query, ~40 ops
 per layer) spends most of its time outside the matmuls. Here:
 
-- the cache is a pair of tensors per layer, ``[B, kv_heads, prompt + max_tokens, head_dim]``,
-  written in place at one slot per step (no reallocation); a row that is padding or not yet
-  written is masked by an additive bias ``[B, T]``;
-- q/k/v are one prepacked matmul, gate/up another; RMSNorm is ``F.rms_norm``; attention is two
-  batched matmuls over the filled part of the cache, grouped-query heads as a view (no repeat);
-- rows that finish leave the batch by index selection of the cache (``select``).
+- the cache is one tensor ``[layers, 2 (keys, values), B, kv_heads, prompt + max_tokens,
+  head_dim]``, written in place at one slot per step (no reallocation); a row that is padding or
+  not yet written is masked by an additive bias ``[B, T]``. Each row's keys are contiguous in T
+  (attention streams them); the write of one slot then touches B x kv_heads lines 1 page apart,
+  so on Linux the buffer is mapped on 2 MB pages (``_huge_page_empty``): with 4 KB pages the
+  writes and reads miss the TLB (measured at batch 64 x 300 slots: a step 10% faster; a
+  slot-major layout, whose write is one block, made attention 1.5x slower);
+- q/k/v are one prepacked matmul, gate/up another; RMSNorm is ``F.rms_norm``; attention is
+  ``scaled_dot_product_attention`` over the filled slots (a strided view, grouped-query heads
+  without a repeat): 1.8 ms per layer at batch 64 x 300 slots, against 4.4 ms for
+  baddbmm/softmax/bmm, which copy the strided cache first;
+- rows that finish leave the batch by index selection of the filled slots (``select``).
 
 Prefill stays with transformers (prefix sharing, fan-out of a group's prompt): its DynamicCache is
 copied into the static one once. Supported: Llama-style decoders (Llama, SmolLM, Mistral without a
@@ -24,6 +30,8 @@ anything else decodes on the eager path (``unsupported`` says why).
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +81,38 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return F.linear(x, weight, bias)
 
 
+_HUGE_PAGE = 2 << 20
+
+
+def _empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of ``like``'s dtype and device; on a Linux CPU, on 2 MB pages."""
+    if like.device.type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return like.new_empty(shape)
+    nbytes = math.prod(shape) * like.element_size()
+    try:  # private anonymous memory (a shared mapping would be shmem, which THP's madvise mode skips)
+        buf = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        return like.new_empty(shape)
+    raw = torch.frombuffer(buf, dtype=torch.uint8)  # keeps ``buf`` mapped while the tensor lives
+    start = -raw.data_ptr() % _HUGE_PAGE
+    return raw[start : start + nbytes].view(like.dtype).view(shape)
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` now (the kernel's MemAvailable on a CPU; unknown: unlimited)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**62
+
+
 @dataclass
 class _Layer:
     ln1: torch.Tensor
@@ -88,11 +128,10 @@ class _Layer:
 
 @dataclass
 class StaticState:
-    """One batch's cache: keys/values per layer ``[B, kv_heads, T, head_dim]``, the additive mask
-    ``[B, T]`` (0 where a row may attend, -inf on padding and unwritten slots), the next slot."""
+    """One batch's cache: keys and values ``[layers, 2, B, kv_heads, T, head_dim]``, the additive
+    mask ``[B, T]`` (0 where a row may attend, -inf on padding and unwritten slots), the next slot."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    kv: torch.Tensor
     bias_BT: torch.Tensor
     slot: int
 
@@ -138,31 +177,38 @@ class StaticDecoder:
                 )
             )
 
+    def fits(self, batch: int, total: int) -> bool:
+        """Whether a cache of ``batch`` rows x ``total`` slots takes at most half the memory now
+        free on the device. It is reserved up front (on 2 MB pages every row's slots are touched
+        at the first write), where transformers' cache grows with the longest live row: a large
+        batch x max_tokens (an eval at 4,096 tokens, 256 rows: 25 GB here) takes that path."""
+        nbytes = len(self.layers) * 2 * batch * self.kv_heads * total * self.head_dim * self.embed.element_size()
+        return nbytes <= _free_memory(self.embed.device) // 2
+
     def start(self, cache: DynamicCache, mask_BL: torch.Tensor, max_tokens: int) -> StaticState:
         """The prefilled ``cache`` (rows = ``mask_BL``'s) copied into a cache with room for
         ``max_tokens`` more positions."""
         batch, length = mask_BL.shape
         total = length + max_tokens
-        keys, values = [], []
-        for i in range(len(self.layers)):
+        first: Any = cache.layers[0]
+        kv = _empty((len(self.layers), 2, batch, self.kv_heads, total, self.head_dim), first.keys)
+        for i in range(len(self.layers)):  # slots past the prompt are written before they are read
             layer: Any = cache.layers[i]
-            k, v = layer.keys, layer.values
-            K = k.new_zeros((batch, self.kv_heads, total, self.head_dim))
-            V = torch.zeros_like(K)
-            K[:, :, :length] = k
-            V[:, :, :length] = v
-            keys.append(K)
-            values.append(V)
-        bias_BT = torch.full((batch, total), float("-inf"), dtype=keys[0].dtype, device=keys[0].device)
+            kv[i, 0, :, :, :length] = layer.keys
+            kv[i, 1, :, :, :length] = layer.values
+        bias_BT = torch.full((batch, total), float("-inf"), dtype=kv.dtype, device=kv.device)
         bias_BT[:, :length].masked_fill_(mask_BL.to(bias_BT.device).bool(), 0.0)
-        return StaticState(keys, values, bias_BT, length)
+        return StaticState(kv, bias_BT, length)
 
     @staticmethod
     def select(state: StaticState, keep: torch.Tensor) -> None:
-        """Keep only rows ``keep`` (finished rows leave the batch)."""
+        """Keep only rows ``keep`` (finished rows leave the batch); only filled slots are copied."""
         keep = keep.to(state.bias_BT.device)
-        state.keys = [k.index_select(0, keep) for k in state.keys]
-        state.values = [v.index_select(0, keep) for v in state.values]
+        kv = state.kv
+        out = _empty((kv.shape[0], 2, len(keep), *kv.shape[3:]), kv)
+        for i in range(kv.shape[0]):
+            out[i, :, :, :, : state.slot] = kv[i, :, :, :, : state.slot].index_select(1, keep)
+        state.kv = out
         state.bias_BT = state.bias_BT.index_select(0, keep)
 
     @torch.inference_mode()
@@ -174,15 +220,14 @@ class StaticDecoder:
             raise ValueError(f"static cache full: {slot} slots")
         state.bias_BT[:, slot] = 0.0
         state.slot = slot + 1
-        return self.forward(tokens_B, positions_B, slot, state.keys, state.values, state.bias_BT)
+        return self.forward(tokens_B, positions_B, slot, state.kv, state.bias_BT)
 
     def forward(
         self,
         tokens_B: torch.Tensor,
         positions_B: torch.Tensor,
         slot: int,
-        keys: list[torch.Tensor],
-        values: list[torch.Tensor],
+        kv: torch.Tensor,
         bias_BT: torch.Tensor,
     ) -> torch.Tensor:
         """The step's computation (writes keys and values at ``slot``): what ``compile`` compiles."""
@@ -194,8 +239,8 @@ class StaticDecoder:
         sin = (angles.sin() * self.rope_scale).to(dtype)[:, None]
         h, hk, d = self.heads, self.kv_heads, self.head_dim
         filled = slot + 1
-        bias = bias_BT[:, None, :filled].expand(batch, hk, filled).reshape(batch * hk, 1, filled)
-        for layer, K, V in zip(self.layers, keys, values, strict=True):
+        mask = bias_BT[:, None, None, :filled]  # [B, 1, 1, filled]
+        for layer, (K, V) in zip(self.layers, kv, strict=True):
             qkv = _linear(F.rms_norm(x, (x.shape[-1],), layer.ln1, self.eps), layer.qkv, layer.qkv_bias)
             qk = qkv[:, : (h + hk) * d].view(batch, h + hk, d)
             if layer.q_norm is not None and layer.k_norm is not None:
@@ -204,12 +249,15 @@ class StaticDecoder:
             qk = qk * cos + torch.cat((-qk[..., d // 2 :], qk[..., : d // 2]), dim=-1) * sin  # rotary, q and k at once
             K[:, :, slot] = qk[:, h:]
             V[:, :, slot] = qkv[:, (h + hk) * d :].view(batch, hk, d)
-            q = qk[:, :h].reshape(batch * hk, h // hk, d)  # grouped-query heads: [B * kv_heads, group, d]
-            k_past = K[:, :, :filled].reshape(batch * hk, filled, d)
-            scores = torch.baddbmm(bias, q, k_past.transpose(1, 2))  # the scale is in q's weights
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
-            attn = torch.bmm(probs, V[:, :, :filled].reshape(batch * hk, filled, d)).reshape(batch, h * d)
-            x = x + _linear(attn, layer.o, None)
+            attn = F.scaled_dot_product_attention(
+                qk[:, :h, None],  # [B, heads, 1, d]
+                K[:, :, :filled],  # [B, kv_heads, filled, d]: grouped-query heads without a repeat
+                V[:, :, :filled],
+                attn_mask=mask,
+                scale=1.0,  # in q's weights
+                enable_gqa=hk != h,
+            )
+            x = x + _linear(attn.reshape(batch, h * d), layer.o, None)
             gate_up = _linear(F.rms_norm(x, (x.shape[-1],), layer.ln2, self.eps), layer.gate_up, None)
             x = x + _linear(F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :], layer.down, None)
         return _linear(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps), self.head, None)
