@@ -137,10 +137,10 @@ def test_llama_rope_scaling_and_bf16():
 
 def test_unsupported_models_decode_eagerly_or_are_refused_by_name():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2, eos_token_id=1)).eval()
-    assert "not a Llama-style decoder" in unsupported(gpt2)
+    assert unsupported(gpt2) == "GPT2LMHeadModel (model_type=gpt2) is not one of llama, mistral, qwen2, qwen3"
     auto = TorchSampler(gpt2, [EOS], pad_token_id=0, static_cache="auto")  # falls back to the eager path
     assert len(auto.sample([[5, 6]], max_tokens=STATIC_MIN_TOKENS, temperature=0.0, seed=0)[0].tokens_T) > 0
-    with pytest.raises(ValueError, match="static_cache=on: GPT2LMHeadModel is not a Llama-style decoder"):
+    with pytest.raises(ValueError, match=r"static_cache=on: GPT2LMHeadModel \(model_type=gpt2\) is not one of"):
         TorchSampler(gpt2, [EOS], pad_token_id=0, static_cache="on")
     sliding = _qwen2(use_sliding_window=True, sliding_window=4)
     assert unsupported(sliding) == "sliding-window attention"
@@ -188,16 +188,78 @@ def test_the_environment_chooses_the_path_for_every_command(tiny_model, monkeypa
 def test_a_cache_too_large_for_free_memory_takes_the_growing_path(tiny_model, monkeypatch):
     from mathrl.rollout import static_cache
 
+    assert static_cache.fits(tiny_model, len(PROMPTS), 45)
+    assert static_cache.cache_bytes(tiny_model, 5, 45) == 2 * 2 * 5 * 2 * 45 * 8 * 4  # layers, k/v, rows, heads
     sampler = TorchSampler(tiny_model, [EOS], pad_token_id=0, static_cache="on")
-    decoder = sampler._static_decoder(40)
-    assert decoder is not None and decoder.fits(len(PROMPTS), 45)
-    starts = []
-    monkeypatch.setattr(static_cache.StaticDecoder, "start", lambda self, *a: starts.append(a) or None)
     monkeypatch.setattr(static_cache, "_free_memory", lambda device: 1000)  # bytes: nothing fits
-    assert not decoder.fits(len(PROMPTS), 45)
     got = sampler.sample(PROMPTS, max_tokens=40, temperature=0.0, seed=0)
-    assert starts == []  # the static cache was never allocated
+    assert sampler._decoder is None  # never built: the weights were not packed for nothing
     expected = TorchSampler(tiny_model, [EOS], pad_token_id=0, static_cache="off").sample(
         PROMPTS, max_tokens=40, temperature=0.0, seed=0
     )
     _assert_same(expected, got)
+
+
+def test_unwritten_slots_are_never_read(tiny_model, monkeypatch):
+    """The cache is not zeroed (fresh mappings happen to be zeros on Linux): fill every new
+    buffer with NaN, which poisons any output that reads a slot before it is written."""
+    from mathrl.rollout import static_cache
+
+    real = static_cache._empty
+    monkeypatch.setattr(static_cache, "_empty", lambda shape, like: real(shape, like).fill_(float("nan")))
+    prompts = PROMPTS * 4  # rows leave: ``select`` copies into a fresh buffer too
+    eager, static = _both(tiny_model, prompts, max_tokens=40, temperature=0.0, seed=0, row_seeds=list(range(20)))
+    _assert_same(eager, static)
+
+
+def test_long_padded_prompts_shared_prefixes_and_plain_multi_head_attention():
+    """Past 512 slots (SDPA's CPU kernel splits the keys in blocks), a row padded by 600 slots,
+    a prefix all prompts share (prefilled once), kv_heads == heads."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=1024, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    shared = [7, 8, 9, 10]
+    prompts = [shared + [3] * 600, [*shared, 4, 5], [*shared, 6]]
+    eager, static = _both(model, prompts, max_tokens=40, temperature=0.0, seed=0)
+    _assert_same(eager, static, atol=1e-4)
+
+
+def test_the_huge_page_buffer_is_aligned_and_outlives_its_mapping_object():
+    import gc
+    import sys
+
+    from mathrl.rollout.static_cache import _empty
+
+    kv = _empty((3, 2, 5, 1 << 16), torch.empty(0, dtype=torch.bfloat16))
+    assert kv.shape == (3, 2, 5, 1 << 16) and kv.dtype == torch.bfloat16 and kv.is_contiguous()
+    if sys.platform == "linux":
+        assert kv.data_ptr() % (2 << 20) == 0
+    view = kv[1, 0]
+    del kv
+    gc.collect()
+    view.fill_(3.0)  # the mapping is still there: no crash, the values stick
+    assert float(view.sum()) == 3.0 * view.numel()
+    on_meta = _empty((2, 3), torch.empty(0, device="meta"))  # not a CPU tensor: a plain allocation
+    assert on_meta.device.type == "meta" and on_meta.shape == (2, 3)
+
+
+@pytest.mark.parametrize("kind", ["granite", "smollm3"])
+def test_lookalike_architectures_are_refused(kind):
+    """They have q/k/v/o, gate/up/down and a rotary table, but compute something else (residual
+    multipliers, rotary skipped in some layers): decoding them here would be silently wrong."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        kind, vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert f"model_type={kind}" in unsupported(model)
+    auto = TorchSampler(model, [EOS], pad_token_id=0)
+    auto.sample(PROMPTS, max_tokens=STATIC_MIN_TOKENS, temperature=0.0, seed=0)
+    assert auto._decoder is None

@@ -16,8 +16,9 @@ only sees this protocol, so a faster backend (vLLM, an HTTP endpoint) can replac
 - ``static_cache="auto"`` (the default): calls of ``STATIC_MIN_TOKENS`` tokens or more decode over a
   preallocated cache with prepacked weights and SDPA attention (:mod:`mathrl.rollout.static_cache`)
   when the model is a Llama-style decoder; shorter calls and other models take transformers'
-  forward with a DynamicCache. ``on``: every call; ``off``: never. ``MATHRL_STATIC_CACHE`` in the
-  environment sets it for every command.
+  forward with a DynamicCache, as do calls whose preallocated cache would take over half the free
+  memory. ``on``: every call that fits; ``off``: never. ``MATHRL_STATIC_CACHE`` in the environment
+  sets it for every command.
 Logprobs are those of the distribution actually sampled from (logits / temperature);
 at temperature 0 (greedy) they are the temperature-1 logprobs of the chosen token.
 """
@@ -33,7 +34,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from mathrl.models import cache_kwarg
-from mathrl.rollout.static_cache import StaticDecoder, unsupported
+from mathrl.rollout.static_cache import StaticDecoder, fits, unsupported
 from mathrl.types import Completion
 
 STATIC_MIN_TOKENS = 32
@@ -90,7 +91,7 @@ class TorchSampler:
         self.model = model.eval()
         self.static_cache = static_cache
         self._decoder: StaticDecoder | None = None  # built on first use, rebuilt when the weights change
-        self._decoder_version = -1
+        self._decoder_key: tuple[int, ...] = ()
         self.eos_token_ids = torch.tensor(sorted(set(eos_token_ids)))
         self.pad_token_id = pad_token_id
         self.max_batch = max_batch
@@ -106,15 +107,19 @@ class TorchSampler:
             sync_weights(policy, self.model)  # in place: the static decoder sees the new version
             self.version = version
 
-    def _static_decoder(self, max_tokens: int) -> StaticDecoder | None:
-        """The static-cache decoder for a call of ``max_tokens``, or None: the eager path."""
+    def _static_decoder(self, max_tokens: int, batch: int, total: int) -> StaticDecoder | None:
+        """The static-cache decoder for a call of ``batch`` rows x ``total`` slots, or None: the
+        eager path."""
         if self.static_cache == "off" or (self.static_cache == "auto" and max_tokens < STATIC_MIN_TOKENS):
             return None
         if self.static_cache == "auto" and unsupported(self.model) is not None:
             return None
-        version = _weights_version(self.model)
-        if self._decoder is None or self._decoder_version != version:  # packed copies of older weights
-            self._decoder, self._decoder_version = StaticDecoder(self.model), version
+        if not fits(self.model, batch, total):
+            return None
+        key = _weights_key(self.model)
+        if self._decoder is None or self._decoder_key != key:  # packed copies of other weights
+            self._decoder = None  # one packed copy at a time
+            self._decoder, self._decoder_key = StaticDecoder(self.model), key
         return self._decoder
 
     def sample(
@@ -237,9 +242,8 @@ class TorchSampler:
         mask_BL = mask_UL[expand_B]
         next_pos_B = positions_UL[expand_B, -1] + 1
         batch = len(expand_B)
-        decoder = self._static_decoder(max_tokens)
-        if decoder is not None and not decoder.fits(batch, mask_BL.shape[1] + max_tokens):
-            decoder = None  # the preallocated cache would not fit: the cache that grows as needed
+        del out  # it holds the prefill cache too
+        decoder = self._static_decoder(max_tokens, batch, mask_BL.shape[1] + max_tokens)
         state = decoder.start(cache, mask_BL, max_tokens) if decoder is not None else None
         if state is not None:
             cache = DynamicCache()  # its tensors now live in the static cache
@@ -314,11 +318,12 @@ one head's attention scores. Past this a new chunk starts (measured: 64 rows pad
 800-token prompt took 6+ GB), so one long multi-turn prompt does not pad all the others."""
 
 
-def _weights_version(model: torch.nn.Module) -> int:
-    """Changes whenever a weight is modified in place (autograd's version counters): the static
-    decoder holds packed copies, so any update (a training step's sync, ``mathrl serve``'s weight
-    reload) must rebuild it."""
-    return sum(p._version for p in model.parameters())
+def _weights_key(model: torch.nn.Module) -> tuple[int, ...]:
+    """Changes whenever a weight is modified in place (autograd's version counters) or replaced
+    (its storage): the static decoder holds packed copies, so any update (a training step's
+    sync, ``mathrl serve``'s weight reload, ``p.data = ...``) must rebuild it."""
+    params = list(model.parameters())
+    return (id(model), sum(p._version for p in params), *(p.data_ptr() for p in params))
 
 
 def _common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:

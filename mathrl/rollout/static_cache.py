@@ -12,20 +12,28 @@ per layer) spends most of its time outside the matmuls. Here:
 - the cache is one tensor ``[layers, 2 (keys, values), B, kv_heads, prompt + max_tokens,
   head_dim]``, written in place at one slot per step (no reallocation); a row that is padding or
   not yet written is masked by an additive bias ``[B, T]``. Each row's keys are contiguous in T
-  (attention streams them); the write of one slot then touches B x kv_heads lines 1 page apart,
-  so on Linux the buffer is mapped on 2 MB pages (``_huge_page_empty``): with 4 KB pages the
+  (attention streams them); the write of one slot then touches B x kv_heads lines T x head_dim
+  apart, so on Linux the buffer is mapped on 2 MB pages (``_empty``): with 4 KB pages the
   writes and reads miss the TLB (measured at batch 64 x 300 slots: a step 10% faster; a
   slot-major layout, whose write is one block, made attention 1.5x slower);
 - q/k/v are one prepacked matmul, gate/up another; RMSNorm is ``F.rms_norm``; attention is
-  ``scaled_dot_product_attention`` over the filled slots (a strided view, grouped-query heads
-  without a repeat): 1.8 ms per layer at batch 64 x 300 slots, against 4.4 ms for
-  baddbmm/softmax/bmm, which copy the strided cache first;
+  ``scaled_dot_product_attention`` over the filled slots, the query heads that share a key/value
+  head passed as that head's queries (no repeat of the cache, on any torch version):
+  1.6 ms per layer at batch 64 x 300 slots, close to reading those keys and values at the
+  machine's bandwidth, against 4.4 ms for baddbmm/softmax/bmm, which copy the sliced cache first;
 - rows that finish leave the batch by index selection of the filled slots (``select``).
 
 Prefill stays with transformers (prefix sharing, fan-out of a group's prompt): its DynamicCache is
-copied into the static one once. Supported: Llama-style decoders (Llama, SmolLM, Mistral without a
-sliding window, Qwen2 with q/k/v biases, Qwen3 with q/k norms) with a static rotary table;
-anything else decodes on the eager path (``unsupported`` says why).
+copied into the static one once. Supported (``MODEL_TYPES``): Llama (SmolLM2), Mistral without a
+sliding window, Qwen2 (q/k/v biases), Qwen3 (q/k norms), with a static rotary table; anything
+else decodes on the eager path (``unsupported`` says why).
+
+Not compiled: ``torch.compile`` (inductor, weights frozen, static shapes: attention over all T
+slots, masked) of ``forward`` took 74-90 s to compile and then ran a step in 17 s instead of
+0.2 s (2026-11-30, batch 64: the in-place write into the cache, a graph input, comes back as
+copies of the whole buffer); of transformers' own decode step, 120 s to compile for no gain.
+What is left of a step here is the weights' matmuls (~55%: oneDNN reads weights that are not in
+cache at ~4 GB/s, under half the machine's read bandwidth) and attention's reads of the cache.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from __future__ import annotations
 import math
 import mmap
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,28 +52,75 @@ _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 """Rotary types whose frequencies do not change with the sequence length."""
 
 
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+"""The architectures ``forward`` implements (SmolLM2 is a llama). Others that look the same from
+outside (SmolLM3 skips rotary in some layers, Granite scales its residuals and logits, Ernie 4.5
+rotates interleaved pairs) would decode wrongly without an error, so this is an allow-list."""
+
+
 def unsupported(model: PreTrainedModel) -> str | None:
     """Why ``model`` cannot decode here (None: it can)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if inner is None or layers is None or not hasattr(inner, "rotary_emb") or not hasattr(model, "lm_head"):
-        return f"{type(model).__name__} is not a Llama-style decoder"
     cfg = model.config
+    kind = getattr(cfg, "model_type", None)
+    inner: Any = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if kind not in MODEL_TYPES or layers is None or not hasattr(inner, "rotary_emb"):
+        return f"{type(model).__name__} (model_type={kind}) is not one of {', '.join(MODEL_TYPES)}"
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
         return "sliding-window attention"
     rope = getattr(inner.rotary_emb, "rope_type", "default")
     if rope not in _STATIC_ROPE:
         return f"rope_type={rope} (frequencies change with length)"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act={cfg.hidden_act}"
     for layer in layers:
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if attn is None or mlp is None or not all(
-            hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")
-        ) or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):  # fmt: skip
-            return "layers without q/k/v/o and gate/up/down projections"
-        extra_bias = attn.o_proj.bias is not None or mlp.down_proj.bias is not None
-        if getattr(cfg, "hidden_act", "silu") != "silu" or extra_bias:
-            return "an activation other than SiLU or biases outside q/k/v"
+        a, m = layer.self_attn, layer.mlp
+        if a.o_proj.bias is not None or m.down_proj.bias is not None or m.gate_proj.bias is not None:
+            return "biases outside q/k/v"
+        if len({p.bias is None for p in (a.q_proj, a.k_proj, a.v_proj)}) > 1:
+            return "biases on some of q/k/v only"
+        if hasattr(a, "q_norm") != hasattr(a, "k_norm"):
+            return "a norm on q or k only"
     return None
+
+
+def cache_bytes(model: PreTrainedModel, batch: int, total: int) -> int:
+    """Bytes of a static cache of ``batch`` rows x ``total`` slots for ``model``."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    return cfg.num_hidden_layers * 2 * batch * cfg.num_key_value_heads * total * head_dim * itemsize
+
+
+def fits(model: PreTrainedModel, batch: int, total: int) -> bool:
+    """Whether the cache takes at most half the memory free on the model's device now. It is
+    reserved up front (on 2 MB pages every row's slots are touched at the first write), where
+    transformers' cache grows with the longest live row: a large batch x max_tokens (an eval at
+    4,096 tokens, 256 rows: 25 GB for SmolLM2-135M) takes that path instead."""
+    return cache_bytes(model, batch, total) <= _free_memory(next(model.parameters()).device) // 2
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` now: on a CPU the kernel's MemAvailable, or less where a cgroup
+    (a container, a Slurm job) caps this process; unknown: unlimited."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    free = 2**62
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:  # cgroup v2: this process's limit and what its group uses now
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 def _prepack(weight: torch.Tensor) -> torch.Tensor:
@@ -97,20 +153,6 @@ def _empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     raw = torch.frombuffer(buf, dtype=torch.uint8)  # keeps ``buf`` mapped while the tensor lives
     start = -raw.data_ptr() % _HUGE_PAGE
     return raw[start : start + nbytes].view(like.dtype).view(shape)
-
-
-def _free_memory(device: torch.device) -> int:
-    """Bytes free on ``device`` now (the kernel's MemAvailable on a CPU; unknown: unlimited)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 2**62
 
 
 @dataclass
@@ -177,14 +219,6 @@ class StaticDecoder:
                 )
             )
 
-    def fits(self, batch: int, total: int) -> bool:
-        """Whether a cache of ``batch`` rows x ``total`` slots takes at most half the memory now
-        free on the device. It is reserved up front (on 2 MB pages every row's slots are touched
-        at the first write), where transformers' cache grows with the longest live row: a large
-        batch x max_tokens (an eval at 4,096 tokens, 256 rows: 25 GB here) takes that path."""
-        nbytes = len(self.layers) * 2 * batch * self.kv_heads * total * self.head_dim * self.embed.element_size()
-        return nbytes <= _free_memory(self.embed.device) // 2
-
     def start(self, cache: DynamicCache, mask_BL: torch.Tensor, max_tokens: int) -> StaticState:
         """The prefilled ``cache`` (rows = ``mask_BL``'s) copied into a cache with room for
         ``max_tokens`` more positions."""
@@ -230,7 +264,7 @@ class StaticDecoder:
         kv: torch.Tensor,
         bias_BT: torch.Tensor,
     ) -> torch.Tensor:
-        """The step's computation (writes keys and values at ``slot``): what ``compile`` compiles."""
+        """The step's computation; writes keys and values at ``slot``."""
         x = F.embedding(tokens_B, self.embed)  # [B, C]
         batch, dtype = x.shape[0], x.dtype
         freqs = positions_B.to(self.inv_freq.device)[:, None].float() * self.inv_freq[None]
@@ -250,12 +284,11 @@ class StaticDecoder:
             K[:, :, slot] = qk[:, h:]
             V[:, :, slot] = qkv[:, (h + hk) * d :].view(batch, hk, d)
             attn = F.scaled_dot_product_attention(
-                qk[:, :h, None],  # [B, heads, 1, d]
-                K[:, :, :filled],  # [B, kv_heads, filled, d]: grouped-query heads without a repeat
+                qk[:, :h].view(batch, hk, h // hk, d),  # a group's query heads as its queries
+                K[:, :, :filled],  # [B, kv_heads, filled, d]
                 V[:, :, :filled],
                 attn_mask=mask,
                 scale=1.0,  # in q's weights
-                enable_gqa=hk != h,
             )
             x = x + _linear(attn.reshape(batch, h * d), layer.o, None)
             gate_up = _linear(F.rms_norm(x, (x.shape[-1],), layer.ln2, self.eps), layer.gate_up, None)
