@@ -4,6 +4,8 @@ static-cache path, and the eager path that path replaces), HF ``generate`` (batc
     .venv/bin/python bench/generation.py                      # everything, ~15-20 min on 2 cores
     .venv/bin/python bench/generation.py --systems mathrl,mathrl_eager --workloads gsm8k32_greedy
     .venv/bin/python bench/generation.py --table          # the table again from --out/results.json
+    .venv/bin/python bench/generation.py --alternate --workloads gsm8k32_greedy,gsm8k64_greedy --reps 2
+                                                          # mathrl vs mathrl_eager in one process, alternating
 
 Workloads (embedded SmolLM2-135M-Instruct, bf16; prompts rendered by mathrl's Renderer as eval does):
   gsm8k32_{greedy,t1}: the first 32 GSM8K test problems x 128 new tokens;
@@ -30,6 +32,9 @@ a decode step at batch B reads the weights once and the filled KV cache, and doe
 floor = max(FLOPs / rate, bytes / bandwidth); the table gives measured step / floor.
 
 Writes --out/results.json and --out/table.md.
+
+--alternate: the sampler's default and its eager path (``static_cache=off``) on one model in one
+process, calls alternating (ABBA), so the machine's drift between processes cannot favour either.
 """
 
 from __future__ import annotations
@@ -136,6 +141,40 @@ def torch_worker(system: str, prompts_path: Path, out: Path, workloads: list[str
     result: dict[str, Any] = {"threads": torch.get_num_threads(), **measure(run, prompts, workloads, reps)}
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     out.write_text(json.dumps(result))
+
+
+def alternate(prompts: dict[str, list[list[int]]], workloads: list[str], reps: int) -> str:
+    """tok/s of ``mathrl`` (static_cache=auto) and ``mathrl_eager`` (off), alternating; a table."""
+    import torch
+
+    from mathrl.models import EMBEDDED_MODEL, eos_token_ids, load_model, load_tokenizer
+    from mathrl.rollout.sampler import TorchSampler
+    from mathrl.runtime import tune_allocator
+
+    tune_allocator()
+    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    model = load_model(EMBEDDED_MODEL, torch.bfloat16).eval()
+    eos = eos_token_ids(tokenizer)
+    samplers = {system: TorchSampler(model, eos, tokenizer.pad_token_id, tokenizer=tokenizer, static_cache=mode)
+                for system, mode in (("mathrl", "auto"), ("mathrl_eager", "off"))}  # fmt: skip
+    lines = ["| workload | mathrl tok/s (each call) | mathrl_eager tok/s (each call) | mathrl / mathrl_eager |",
+             "|---|---|---|---|"]  # fmt: skip
+    for name in workloads:
+        ps, (_, _, max_tokens, temperature) = workload_prompts(prompts, name), WORKLOADS[name]
+        seeds = list(range(len(ps)))
+        rates: dict[str, list[float]] = {system: [] for system in samplers}
+        for sampler in samplers.values():  # warm-up
+            sampler.sample(ps[:4], max_tokens=max_tokens, temperature=temperature, seed=0, row_seeds=seeds[:4])
+        for r in range(reps):
+            order = list(samplers.items())
+            for system, sampler in order if r % 2 == 0 else order[::-1]:
+                t0 = time.perf_counter()
+                comps = sampler.sample(ps, max_tokens=max_tokens, temperature=temperature, seed=r, row_seeds=seeds)
+                rates[system].append(sum(len(c.tokens_T) for c in comps) / (time.perf_counter() - t0))
+        a, b = rates["mathrl"], rates["mathrl_eager"]
+        lines.append(f"| {name} | {' '.join(f'{x:.0f}' for x in a)} | {' '.join(f'{x:.0f}' for x in b)} "
+                     f"| {statistics.median(a) / statistics.median(b):.2f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def hf_generate(model: Any, tokenizer: Any, eos: list[int], prompts: list[list[int]], max_tokens: int,
@@ -296,6 +335,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-generation")
     p.add_argument("--table", action="store_true", help="print the table of --out/results.json and stop")
+    p.add_argument("--alternate", action="store_true", help="mathrl vs mathrl_eager in one process, alternating")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.table:
@@ -306,6 +346,9 @@ def main() -> None:
     for name, known in (*((s, SYSTEMS) for s in systems), *((w, WORKLOADS) for w in workloads)):
         if name not in known:
             p.error(f"unknown {name!r}; choose from {', '.join(known)}")
+    if a.alternate:
+        print(alternate(build_prompts(a.data_dir), workloads, a.reps))
+        return
     a.out.mkdir(parents=True, exist_ok=True)
     if a.worker:
         torch_worker(a.worker, a.out / "prompts.json", a.out / f"{a.worker}.json", workloads, a.reps)

@@ -43,7 +43,9 @@ adds r*(in + out) per projection.
   (4*h bytes per token per layer, measured), plus one layer's full activations while it is
   recomputed. Attention is assumed fused (no [T, T] scores kept).
 - *sampler*, ``sampler=local``: the in-process sampler's own bf16 copy of the model (LoRA merged
-  in), 2 bytes/param, + the KV cache of one decode chunk, ``min(group_size * groups_per_batch,
+  in), 2 bytes/param, and for answers of 32+ tokens (the static-cache decoder,
+  :mod:`mathrl.rollout.static_cache`) its packed copy, 2 more (an upper bound on a GPU, where only
+  q/k/v and gate/up are copied, fused), + the KV cache of one decode chunk, ``min(group_size * groups_per_batch,
   sampler_max_batch)`` rows (TorchSampler's ``max_batch``, 256) of ``prompt_tokens + max_tokens``
   positions, 2 (k, v) * L * n_kv * d bf16 values each. ``sampler=remote``: 0 here; the server's
   memory is its own (vLLM takes ``--gpu-memory-utilization`` of its GPU).
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
 
 GB = 1e9
 LOCAL_SAMPLER_MAX_BATCH = 256  # TorchSampler's default max_batch: rows decoded at once
+STATIC_MIN_TOKENS = 32  # mathrl.rollout.sampler's (not imported: no torch here); a test holds them equal
 
 
 @dataclass(frozen=True)
@@ -223,6 +226,7 @@ def estimate(
     if sampler == "local":
         rows = min(group_size * groups_per_batch, sampler_max_batch)
         kv_cache = rows * (prompt_tokens + max_tokens) * shape.layers * 2 * shape.kv_dim * 2
-        sampler_bytes = params * 2 + kv_cache
+        packed = params * 2 if max_tokens >= STATIC_MIN_TOKENS else 0  # the static decoder's weights
+        sampler_bytes = params * 2 + packed + kv_cache
     parts = (weights / shards / GB, trainable / shards / GB, activations / GB, sampler_bytes / GB)
     return MemoryEstimate(params, trainable_params, *parts, total=sum(parts))

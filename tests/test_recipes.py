@@ -105,6 +105,16 @@ def test_checkpointing_lowers_activations_and_remote_sampler_frees_its_copy():
     assert plain.total == pytest.approx(plain.weights + plain.trainable + plain.activations + plain.sampler)
 
 
+def test_the_static_decoders_packed_weights_are_counted_for_long_answers():
+    from mathrl import memory
+    from mathrl.rollout.sampler import STATIC_MIN_TOKENS
+
+    assert memory.STATIC_MIN_TOKENS == STATIC_MIN_TOKENS
+    short = estimate(llama31_8b(), **run_kwargs(max_tokens=STATIC_MIN_TOKENS - 1, prompt_tokens=1))
+    long = estimate(llama31_8b(), **run_kwargs(max_tokens=STATIC_MIN_TOKENS, prompt_tokens=0))
+    assert long.sampler == pytest.approx(short.sampler + long.params * 2 / 1e9)  # same KV: 32 positions each
+
+
 def test_full_fine_tuning_counts_fp32_weights_and_adam():
     full = estimate(llama31_8b(), **run_kwargs(lora_rank=0))
     assert full.trainable_params == full.params
