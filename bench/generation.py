@@ -116,20 +116,35 @@ def measure(run: Generate, prompts: dict[str, list[list[int]]], workloads: list[
 # --- one system in its own process --------------------------------------------------------------
 
 
-def torch_worker(system: str, prompts_path: Path, out: Path, workloads: list[str], reps: int) -> None:
+STATIC_CACHE = {"mathrl": "auto", "mathrl_eager": "off"}
+"""The sampler's ``static_cache`` per mathrl system (hf reuses mathrl's model and path)."""
+
+
+def embedded_bf16() -> tuple[Any, Any, list[int]]:
+    """(tokenizer, bf16 model, end-of-turn ids) of the embedded model, allocator tuned as the CLI does."""
     import torch
 
     from mathrl.models import EMBEDDED_MODEL, eos_token_ids, load_model, load_tokenizer
-    from mathrl.rollout.sampler import TorchSampler
     from mathrl.runtime import tune_allocator
 
     tune_allocator()
-    prompts = json.loads(prompts_path.read_text())
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
-    model = load_model(EMBEDDED_MODEL, torch.bfloat16).eval()
-    eos = eos_token_ids(tokenizer)
-    sampler = TorchSampler(model, eos, tokenizer.pad_token_id, tokenizer=tokenizer,
-                           static_cache="off" if system == "mathrl_eager" else "auto")  # fmt: skip
+    return tokenizer, load_model(EMBEDDED_MODEL, torch.bfloat16).eval(), eos_token_ids(tokenizer)
+
+
+def mathrl_sampler(system: str, tokenizer: Any, model: Any, eos: list[int]) -> Any:
+    from mathrl.rollout.sampler import TorchSampler
+
+    return TorchSampler(model, eos, tokenizer.pad_token_id, tokenizer=tokenizer,
+                        static_cache=STATIC_CACHE.get(system, "auto"))  # fmt: skip
+
+
+def torch_worker(system: str, prompts_path: Path, out: Path, workloads: list[str], reps: int) -> None:
+    import torch
+
+    prompts = json.loads(prompts_path.read_text())
+    tokenizer, model, eos = embedded_bf16()
+    sampler = mathrl_sampler(system, tokenizer, model, eos)
 
     def run(ps: list[list[int]], max_tokens: int, temperature: float, seed: int) -> list[list[int]]:
         if system == "hf":
@@ -145,18 +160,8 @@ def torch_worker(system: str, prompts_path: Path, out: Path, workloads: list[str
 
 def alternate(prompts: dict[str, list[list[int]]], workloads: list[str], reps: int) -> str:
     """tok/s of ``mathrl`` (static_cache=auto) and ``mathrl_eager`` (off), alternating; a table."""
-    import torch
-
-    from mathrl.models import EMBEDDED_MODEL, eos_token_ids, load_model, load_tokenizer
-    from mathrl.rollout.sampler import TorchSampler
-    from mathrl.runtime import tune_allocator
-
-    tune_allocator()
-    tokenizer = load_tokenizer(EMBEDDED_MODEL)
-    model = load_model(EMBEDDED_MODEL, torch.bfloat16).eval()
-    eos = eos_token_ids(tokenizer)
-    samplers = {system: TorchSampler(model, eos, tokenizer.pad_token_id, tokenizer=tokenizer, static_cache=mode)
-                for system, mode in (("mathrl", "auto"), ("mathrl_eager", "off"))}  # fmt: skip
+    tokenizer, model, eos = embedded_bf16()
+    samplers = {system: mathrl_sampler(system, tokenizer, model, eos) for system in STATIC_CACHE}
     lines = ["| workload | mathrl tok/s (each call) | mathrl_eager tok/s (each call) | mathrl / mathrl_eager |",
              "|---|---|---|---|"]  # fmt: skip
     for name in workloads:

@@ -15,7 +15,7 @@ only sees this protocol, so a faster backend (vLLM, an HTTP endpoint) can replac
   tool call), once its decoded tail contains one of them;
 - ``static_cache="auto"`` (the default): calls of ``STATIC_MIN_TOKENS`` tokens or more decode over a
   preallocated cache with prepacked weights and SDPA attention (:mod:`mathrl.rollout.static_cache`)
-  when the model is a Llama-style decoder; shorter calls and other models take transformers'
+  when the model is one it implements (``MODEL_TYPES``); shorter calls and other models take transformers'
   forward with a DynamicCache, as do calls whose preallocated cache would take over half the free
   memory. ``on``: every call that fits; ``off``: never. ``MATHRL_STATIC_CACHE`` in the environment
   sets it for every command.

@@ -29,7 +29,7 @@ sliding window, Qwen2 (q/k/v biases), Qwen3 (q/k norms), with a static rotary ta
 else decodes on the eager path (``unsupported`` says why).
 
 Not compiled: ``torch.compile`` (inductor, weights frozen, static shapes: attention over all T
-slots, masked) of ``forward`` took 74-90 s to compile and then ran a step in 17 s instead of
+slots, masked) of the step took 74-90 s to compile and then ran a step in 17 s instead of
 0.2 s (2026-11-30, batch 64: the in-place write into the cache, a graph input, comes back as
 copies of the whole buffer); of transformers' own decode step, 120 s to compile for no gain.
 What is left of a step here is the weights' matmuls (~55%: oneDNN reads weights that are not in
@@ -53,7 +53,7 @@ _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-"""The architectures ``forward`` implements (SmolLM2 is a llama). Others that look the same from
+"""The architectures ``StaticDecoder.step`` implements (SmolLM2 is a llama). Others that look the same from
 outside (SmolLM3 skips rotary in some layers, Granite scales its residuals and logits, Ernie 4.5
 rotates interleaved pairs) would decode wrongly without an error, so this is an allow-list."""
 
@@ -254,17 +254,6 @@ class StaticDecoder:
             raise ValueError(f"static cache full: {slot} slots")
         state.bias_BT[:, slot] = 0.0
         state.slot = slot + 1
-        return self.forward(tokens_B, positions_B, slot, state.kv, state.bias_BT)
-
-    def forward(
-        self,
-        tokens_B: torch.Tensor,
-        positions_B: torch.Tensor,
-        slot: int,
-        kv: torch.Tensor,
-        bias_BT: torch.Tensor,
-    ) -> torch.Tensor:
-        """The step's computation; writes keys and values at ``slot``."""
         x = F.embedding(tokens_B, self.embed)  # [B, C]
         batch, dtype = x.shape[0], x.dtype
         freqs = positions_B.to(self.inv_freq.device)[:, None].float() * self.inv_freq[None]
@@ -273,8 +262,8 @@ class StaticDecoder:
         sin = (angles.sin() * self.rope_scale).to(dtype)[:, None]
         h, hk, d = self.heads, self.kv_heads, self.head_dim
         filled = slot + 1
-        mask = bias_BT[:, None, None, :filled]  # [B, 1, 1, filled]
-        for layer, (K, V) in zip(self.layers, kv, strict=True):
+        mask = state.bias_BT[:, None, None, :filled]  # [B, 1, 1, filled]
+        for layer, (K, V) in zip(self.layers, state.kv, strict=True):
             qkv = _linear(F.rms_norm(x, (x.shape[-1],), layer.ln1, self.eps), layer.qkv, layer.qkv_bias)
             qk = qkv[:, : (h + hk) * d].view(batch, h + hk, d)
             if layer.q_norm is not None and layer.k_norm is not None:
